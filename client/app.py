@@ -1,0 +1,109 @@
+"""The fedmeld ClientApp: a hospital that trains adapters on its private shard and sends deltas.
+
+The same app runs in simulation and deployment: it learns which shard it holds from the node
+config (``partition-id``, ``num-partitions``), which the simulation sets per virtual node and a
+SuperNode takes from ``--node-config``. What to train comes from the server with every instruction (the run config), where the data
+lives from the node. The model and the shard are built once per process and
+reused across rounds; every message carries the full global adapter state, so nothing stale
+survives from one round to the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from client.config import ConfigError, RunConfig
+from client.data import Split, TaskInfo, load_split, task_info
+from client.engine import evaluate, pick_device, train
+from client.model import build_model
+from client.partition import partition, train_val_split
+from peft import adapter_state, load_adapter_state
+
+app = ClientApp()
+NODE_KEYS = ("data-root", "device")
+
+@dataclass(frozen=True)
+class Shard:
+    train: Split
+    val: Split
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    cfg, shard, model, info = _setup(msg, context)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    load_adapter_state(model, global_state)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    device = pick_device(cfg.device)
+    stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                  weight_decay=cfg.weight_decay, device=device,
+                  seed=cfg.seed * 100_003 + server_round * 1_009 + _partition_id(context))
+    delta = {k: v.cpu() - global_state[k] for k, v in adapter_state(model).items()}
+    arrays = ArrayRecord(delta)
+    metrics = MetricRecord({"num-examples": len(shard.train), **stats,
+                            "bytes_sent": sum(len(a.data) for a in arrays.values())})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """The global adapters on this client's local validation split."""
+    cfg, shard, model, info = _setup(msg, context)
+    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+    result = evaluate(model, shard.val, info, device=pick_device(cfg.device))
+    metrics = MetricRecord({"num-examples": len(shard.val), "val_loss": result.loss,
+                            "val_accuracy": result.accuracy})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, Shard, nn.Module, TaskInfo]:
+    cfg = run_config(msg, context)
+    info = task_info(cfg.dataset)
+    return cfg, _shard(cfg, _partition_id(context), _num_partitions(context)), _model(cfg), info
+
+
+def run_config(msg: Message, context: Context) -> RunConfig:
+    """The server's run config from the instruction, with this node's own data-root and device
+    (from --node-config) where it sets them: a hospital knows where its files and GPUs are."""
+    sent = {k: v for k, v in msg.content["config"].items() if k != "server-round"}
+    local = {k: context.node_config[k] for k in NODE_KEYS if k in context.node_config}
+    return RunConfig.from_mapping({**sent, **local})
+
+
+def _partition_id(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise ConfigError("this node has no 'partition-id' in its node config; start the SuperNode with "
+                          "--node-config 'partition-id=K num-partitions=N'") from None
+
+
+def _num_partitions(context: Context) -> int:
+    try:
+        return int(context.node_config["num-partitions"])
+    except KeyError:
+        raise ConfigError("this node has no 'num-partitions' in its node config; start the SuperNode with "
+                          "--node-config 'partition-id=K num-partitions=N'") from None
+
+
+@lru_cache(maxsize=4)
+def _model(cfg: RunConfig) -> nn.Module:
+    """One model per process and run: rounds only swap its adapter state."""
+    return build_model(cfg, task_info(cfg.dataset)).to(pick_device(cfg.device))
+
+
+@lru_cache(maxsize=64)
+def _shard(cfg: RunConfig, partition_id: int, num_partitions: int) -> Shard:
+    """This client's train and local validation split; same seed, same shard on every run."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    full = load_split(cfg.dataset, "train", cfg.image_size, cfg.data_root)
+    parts = partition(full.labels.numpy(), num_partitions, cfg.partition, cfg.dirichlet_alpha, cfg.seed)
+    train_idx, val_idx = train_val_split(parts[partition_id], cfg.val_fraction, cfg.seed + partition_id)
+    return Shard(full.subset(train_idx), full.subset(val_idx))
+

@@ -1,0 +1,143 @@
+"""The run configuration: one typed, validated view of Flower's ``run_config``.
+
+Defaults live in exactly one place, ``[tool.flwr.app.config]`` of ``pyproject.toml``, so that
+``flwr run .`` and ``python -m simulations.run`` read the same settings. This module adds what a
+TOML table cannot hold: the type, the allowed values and a help text for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+MEDMNIST_2D = (
+    "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+    "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
+)
+PEFT_CHOICES = ("lora", "norm", "lora+norm", "head", "full")
+
+
+class ConfigError(ValueError):
+    """A run-config key or value that cannot be used; the message says how to fix it."""
+
+
+def _key(help: str, choices: tuple[Any, ...] | None = None,
+         check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:
+    return field(metadata={"help": help, "choices": choices, "check": check, "rule": rule})
+
+
+_positive = (lambda v: v > 0, "must be > 0")
+_non_negative = (lambda v: v >= 0, "must be >= 0")
+_fraction = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, spelled with '_' here and '-' in TOML and on the command line."""
+
+    dataset: str = _key("MedMNIST 2D dataset flag.", MEDMNIST_2D)
+    image_size: int = _key("MedMNIST image size; picks the file (e.g. breastmnist_64.npz).", (28, 64, 128, 224))
+    data_root: str = _key("Directory holding the MedMNIST .npz files. Empty: $MEDMNIST_ROOT, "
+                          "else medmnist's default (~/.medmnist), downloading when the file is absent.")
+    model: str = _key("timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224.")
+    pretrained: bool = _key("Load pretrained weights: from `weights` if set, else timm's hub/HF cache "
+                            "(set HF_HUB_OFFLINE=1 to use only the cache).")
+    weights: str = _key("Local weights file (.safetensors/.pth/.bin) for the backbone; implies pretrained. "
+                        "The classifier is resized, grayscale input adapted.")
+    num_clients: int = _key("Number of clients (hospitals) the training split is partitioned over.",
+                            check=_positive[0], rule=_positive[1])
+    partition: str = _key("How labels are spread over clients.", ("iid", "dirichlet"))
+    dirichlet_alpha: float = _key("Dirichlet concentration for partition=dirichlet; small = skewed.",
+                                  check=_positive[0], rule=_positive[1])
+    val_fraction: float = _key("Share of each client's partition kept as its local validation split.",
+                               check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    num_server_rounds: int = _key("Federated rounds.", check=_positive[0], rule=_positive[1])
+    local_epochs: int = _key("Local epochs per round on each client.", check=_positive[0], rule=_positive[1])
+    batch_size: int = _key("Local mini-batch size.", check=_positive[0], rule=_positive[1])
+    lr: float = _key("Client AdamW learning rate.", check=_positive[0], rule=_positive[1])
+    weight_decay: float = _key("Client AdamW weight decay.", check=_non_negative[0], rule=_non_negative[1])
+    peft: str = _key("What trains: LoRA, norm gamma/beta, both, the head only, or everything. "
+                     "The classifier head (resized to the dataset) always trains.", PEFT_CHOICES)
+    lora_rank: int = _key("LoRA rank r.", check=_positive[0], rule=_positive[1])
+    lora_alpha: float = _key("LoRA alpha; the update is scaled by alpha/r.", check=_positive[0], rule=_positive[1])
+    lora_dropout: float = _key("Dropout on the LoRA side path.", check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    target_modules: str = _key("Comma-separated LoRA target patterns (module names, suffixes or globs); "
+                               "empty: the model family's defaults.")
+    bn_stats: str = _key("BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
+                         ("aggregate", "frozen"))
+    server_lr: float = _key("Server learning rate on the mean delta (1.0 = FedAvg).",
+                            check=_positive[0], rule=_positive[1])
+    fraction_train: float = _key("Fraction of connected clients sampled each round.",
+                                 check=_fraction[0], rule=_fraction[1])
+    min_clients: int = _key("Minimum connected clients before a round starts (deployment).",
+                            check=_positive[0], rule=_positive[1])
+    round_timeout: int = _key("Seconds the server waits for replies in a round; late clients are dropped.",
+                              check=_positive[0], rule=_positive[1])
+    device: str = _key("Client device: auto (CUDA when present), cpu, cuda or cuda:N.",
+                       check=lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+                       rule="must be auto, cpu, cuda or cuda:N")
+    seed: int = _key("Seed for partitioning, model init and shuffling.")
+    out: str = _key("Directory under which the run directory is created (use an absolute path with flwr run).")
+    run_name: str = _key("Name of the run directory under `out`; empty: <date>-<time>-<dataset>-<peft>. "
+                         "An existing non-empty directory is refused, never overwritten.")
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Defaults from pyproject.toml, updated with ``overrides`` (Flower's '-' keys), checked."""
+        values = dict(defaults())
+        for key, value in (overrides or {}).items():
+            if key not in values:
+                raise ConfigError(f"unknown run-config key {key!r}; valid keys: {', '.join(values)}")
+            values[key] = value
+        return cls(**{k.replace("-", "_"): _coerce(k, v, defaults()[k]) for k, v in values.items()})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta, key = getattr(self, f.name), f.metadata, f.name.replace("_", "-")
+            if meta["choices"] and value not in meta["choices"]:
+                valid = ", ".join(map(str, meta["choices"]))
+                raise ConfigError(f"bad value {value!r} for {key!r}; valid values: {valid}")
+            if meta["check"] and not meta["check"](value):
+                raise ConfigError(f"bad value {value!r} for {key!r}: {meta['rule']}")
+
+    def to_flower(self) -> dict[str, Any]:
+        """The '-'-keyed dict Flower's run_config holds."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+@cache
+def defaults() -> dict[str, Any]:
+    with PYPROJECT.open("rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def describe() -> str:
+    """One line per key: name, default, allowed values and help, for --help."""
+    lines = []
+    for f in dataclasses.fields(RunConfig):
+        key = f.name.replace("_", "-")
+        choices = f" {{{'|'.join(map(str, f.metadata['choices']))}}}" if f.metadata["choices"] else ""
+        lines.append(f"  {key} = {defaults()[key]!r}{choices}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Accept what TOML and command lines give (ints for floats, 'true' for bools); refuse the rest."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"bad value {value!r} for {key!r}: expected {kind.__name__} (default {default!r})")

@@ -1,0 +1,129 @@
+"""Local training and evaluation loops: plain PyTorch, shared by clients and the server.
+
+Data stays a uint8 tensor until a batch is on the device, where it is scaled to [-1, 1]; that
+keeps host-to-device traffic at a byte per pixel and needs no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from medmnist.evaluator import getACC, getAUC
+from torch import nn
+
+from client.data import Split, TaskInfo
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    auc: float
+    scores: np.ndarray  # (N, num_classes) probabilities, what medmnist's Evaluator takes
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available here; use device=auto or cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA, where it is fast and safe for training; full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _inputs(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, info: TaskInfo) -> torch.Tensor:
+    if info.multi_label:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels[:, 0])
+
+
+def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
+          weight_decay: float, device: torch.device, seed: int) -> dict[str, float]:
+    """Train the parameters that require grad; returns loss, accuracy, seconds and peak memory."""
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        # drop a last batch of one: BatchNorm cannot train on it
+        batches = [b for b in order.split(batch_size) if len(b) > 1 or len(order) == 1]
+        for idx in batches:
+            x, y = _inputs(data.images[idx], device), data.labels[idx].to(device)
+            with _autocast(device):
+                logits = model(x)
+            loss = loss_fn(logits, y, info)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(idx)
+            correct += _num_correct(logits, y, info)
+            seen += len(idx)
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "train_seconds": time.perf_counter() - start,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "samples_seen": seen,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split, info: TaskInfo, *, device: torch.device,
+             batch_size: int = 256) -> EvalResult:
+    """Loss plus ACC and AUC computed exactly as medmnist's Evaluator computes them."""
+    model.to(device).eval()
+    scores, total_loss = [], 0.0
+    for start in range(0, len(data), batch_size):
+        x = _inputs(data.images[start:start + batch_size], device)
+        y = data.labels[start:start + batch_size].to(device)
+        with _autocast(device):
+            logits = model(x).float()
+        total_loss += loss_fn(logits, y, info).item() * len(y)
+        scores.append((torch.sigmoid(logits) if info.multi_label else logits.softmax(-1)).cpu())
+    y_score = torch.cat(scores).numpy()
+    y_true = data.labels.numpy()
+    return EvalResult(total_loss / max(len(data), 1), medmnist_acc(y_true, y_score, info),
+                      medmnist_auc(y_true, y_score, info), y_score)
+
+
+def medmnist_acc(y_true: np.ndarray, y_score: np.ndarray, info: TaskInfo) -> float:
+    return float(getACC(y_true, y_score, info.task))
+
+
+def medmnist_auc(y_true: np.ndarray, y_score: np.ndarray, info: TaskInfo) -> float:
+    """medmnist's AUC; NaN where a split holds one class only (a tiny local validation split)."""
+    if not info.multi_label and len(np.unique(y_true)) < 2:
+        return math.nan
+    return float(getAUC(y_true, y_score, info.task))
+
+
+def _num_correct(logits: torch.Tensor, y: torch.Tensor, info: TaskInfo) -> int:
+    if info.multi_label:
+        return int(((logits > 0) == y.bool()).all(dim=1).sum())
+    return int((logits.argmax(-1) == y[:, 0]).sum())
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # peak RSS of the process: the closest CPU analogue
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,74 @@
+"""Build the timm backbone with its PEFT adapters, identically on every node.
+
+The backbone never travels: every node rebuilds it from the model name and either the same
+pretrained weights or the same seeded random init, so only adapter state has to cross the wire.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from client.config import RunConfig
+from client.data import TaskInfo
+from peft import PeftConfig, apply_peft
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that could not be loaded; the message says how to provide them."""
+
+
+def peft_config(cfg: RunConfig) -> PeftConfig:
+    """The run config's adapter keys as a PeftConfig; the resized classifier head always trains."""
+    method = cfg.peft if cfg.peft in ("full", "head") else f"{cfg.peft}+head"
+    targets = [t.strip() for t in cfg.target_modules.split(",") if t.strip()] or None
+    return PeftConfig(method=method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets, bn_stats=cfg.bn_stats)
+
+
+def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
+    """The plain timm model (no adapters), as `timm.create_model` gives it to anyone."""
+    kwargs: dict = {"num_classes": info.num_classes, "in_chans": info.in_chans}
+    if cfg.weights:
+        path = Path(cfg.weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist; set weights= to a .safetensors/.pth "
+                               f"file for {cfg.model}, or weights=\"\" to use pretrained/random init")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    else:
+        kwargs["pretrained"] = cfg.pretrained
+    try:
+        return _create(cfg, kwargs)
+    except RuntimeError as err:
+        if cfg.weights:
+            raise WeightsError(f"could not load {cfg.weights} into {cfg.model}: {err}") from err
+        raise
+    except (OSError, ValueError) as err:  # huggingface_hub's offline and not-found errors derive from these
+        if kwargs["pretrained"]:
+            raise WeightsError(
+                f"could not fetch pretrained weights for {cfg.model} ({type(err).__name__}: {err}). "
+                f"Offline, point weights=/path/to/file at a local file, or fill the Hugging Face cache "
+                f"and set HF_HUB_OFFLINE=1, or set pretrained=false for random init."
+            ) from err
+        raise
+
+
+def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
+    """The backbone with the run's adapters applied and everything else frozen."""
+    return apply_peft(create_backbone(cfg, info), peft_config(cfg))
+
+
+def _create(cfg: RunConfig, kwargs: dict) -> nn.Module:
+    """Transformers fix their position embeddings to an input size, so give them the data's;
+    CNNs take any size and refuse the keyword."""
+    torch.manual_seed(cfg.seed)
+    try:
+        return timm.create_model(cfg.model, img_size=cfg.image_size, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+    torch.manual_seed(cfg.seed)
+    return timm.create_model(cfg.model, **kwargs)

@@ -1,0 +1,114 @@
+"""Apply adapters to a model and move their state in and out of it.
+
+``adapter_state`` is what a client ships: the model's own names for trainable
+parameters plus travelling buffers, so server-side aggregation is a plain
+per-key average and loading needs no name mapping.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import PeftConfig
+from .lora import LoRALayer
+from .norm import bn_stats, freeze_bn_stats
+from .registry import ADAPTERS
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+    """Freeze ``model``, apply cfg's components in registry order (in place); return it."""
+    cfg.validate()
+    if hasattr(model, "peft_config"):
+        raise ValueError("apply_peft: model is already adapted")
+    model.requires_grad_(False)
+    for name, apply in ADAPTERS.items():
+        if name in cfg.components:
+            apply(model, cfg)
+    if cfg.bn_stats == "frozen":
+        freeze_bn_stats(model)
+    model.peft_config = PeftConfig.from_dict(cfg.to_dict())  # a copy: later edits to cfg don't leak in
+    return model
+
+
+def _config(model: nn.Module) -> PeftConfig:
+    cfg = getattr(model, "peft_config", None)
+    if not isinstance(cfg, PeftConfig):
+        raise ValueError("model has no peft_config: call apply_peft first")
+    return cfg
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The live tensors that make up the adapter state, by state-dict name."""
+    cfg = _config(model)
+    if "full" in cfg.components:
+        return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("num_batches_tracked")}
+    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if cfg.bn_stats == "aggregate":
+        tensors.update(bn_stats(model))
+    return tensors
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """Detached clones of the adapter tensors, sorted by name."""
+    tensors = _adapter_tensors(model)
+    return {name: tensors[name].detach().clone() for name in sorted(tensors)}
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, state: dict[str, Tensor], strict: bool = True) -> None:
+    """Copy ``state`` into the model's tensors in place.
+
+    Shape mismatches always raise ValueError (before anything is copied);
+    ``strict`` also raises KeyError on missing or unexpected keys, otherwise
+    those are ignored.
+    """
+    targets = _adapter_tensors(model)
+    if strict:
+        missing, unexpected = sorted(targets.keys() - state.keys()), sorted(state.keys() - targets.keys())
+        if missing or unexpected:
+            raise KeyError(f"adapter state mismatch: missing {missing}, unexpected {unexpected}")
+    common = [k for k in state if k in targets]
+    for k in common:
+        if state[k].shape != targets[k].shape:
+            raise ValueError(f"adapter state {k!r}: shape {tuple(state[k].shape)} != {tuple(targets[k].shape)}")
+    for k in common:
+        targets[k].copy_(state[k])
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; total includes adapter parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every LoRA delta into its base weight (no-op for merged layers)."""
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            module.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo ``merge_adapters``."""
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            module.unmerge()
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """State dict of the equivalent plain model: LoRA folded in, ``lora_*`` keys dropped.
+
+    Computed without touching the model, so no merge/unmerge rounding drift.
+    It loads strictly into the un-adapted architecture (same timm name and
+    num_classes).
+    """
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            prefix = f"{name}." if name else ""
+            del state[prefix + "lora_A"], state[prefix + "lora_B"]
+            if not module.merged:
+                state[prefix + "weight"] = module.weight + module.delta_weight()
+    return state

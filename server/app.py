@@ -1,0 +1,87 @@
+"""The fedmeld ServerApp: broadcast the global adapter state, aggregate deltas, evaluate, record.
+
+The server builds the same model as the clients (same timm name, same seed or weights), so it
+can evaluate the global adapters on the official test split and export the merged model.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from client.config import RunConfig
+from client.data import load_split, task_info
+from client.engine import evaluate, pick_device
+from client.model import build_model
+from peft import adapter_state, count_parameters, load_adapter_state, merged_state_dict
+from server.aggregation import AGGREGATORS
+from server.report import RunRecorder, default_run_name, hardware, make_run_dir, versions
+from server.strategy import DeltaFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    federate(grid, RunConfig.from_mapping(context.run_config))
+
+
+def federate(grid: Grid, cfg: RunConfig) -> Path:
+    """Run every round; return the run directory. The run config travels in every instruction,
+    so each client trains exactly the model and adapters this server aggregates."""
+    recorder = RunRecorder(make_run_dir(cfg.out, cfg.run_name or default_run_name(cfg)))
+    info = task_info(cfg.dataset)
+    device = pick_device(cfg.device)
+    model = build_model(cfg, info).to(device)
+    test = load_split(cfg.dataset, "test", cfg.image_size, cfg.data_root)
+    train_labels = load_split(cfg.dataset, "train", cfg.image_size, cfg.data_root).labels
+    initial = {k: v.cpu() for k, v in adapter_state(model).items()}
+    strategy = DeltaFedAvg(
+        initial, AGGREGATORS["fedavg"], cfg.server_lr,
+        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
+        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min(cfg.min_clients, cfg.num_clients),
+    )
+    initial_eval: dict[str, float] = {}
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_adapter_state(model, arrays.to_torch_state_dict())
+        result = evaluate(model, test, info, device=device)
+        metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_auc": result.auc}
+        if server_round == 0:
+            initial_eval.update(metrics)
+        else:
+            stats = dict(strategy.round_stats[server_round])
+            stats["round_seconds"] = time.perf_counter() - stats.pop("round_start")
+            recorder.log_round({"round": server_round, **metrics, **stats}, cfg.num_server_rounds)
+            recorder.checkpoint(strategy.global_state, server_round)
+        return MetricRecord(metrics)
+
+    strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+                   train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
+                   evaluate_fn=central_evaluate)
+
+    load_adapter_state(model, strategy.global_state)
+    export = recorder.export_model(merged_state_dict(model), {
+        "timm_model": cfg.model, "num_classes": str(info.num_classes), "in_chans": str(info.in_chans),
+        "image_size": str(cfg.image_size),
+    })
+    majority = int(train_labels[:, 0].mode().values)
+    trainable, total = count_parameters(model)
+    last = recorder.rounds[-1] if recorder.rounds else {}
+    recorder.write_summary({
+        "final_test_accuracy": last.get("test_accuracy"), "final_test_auc": last.get("test_auc"),
+        "initial_test_accuracy": initial_eval.get("test_accuracy"), "initial_test_auc": initial_eval.get("test_auc"),
+        "majority_class_accuracy": float((test.labels[:, 0] == majority).float().mean()),
+        "num_rounds": len(recorder.rounds), "trainable_params": trainable, "total_params": total,
+        "adapter_bytes": sum(t.numel() * t.element_size() for t in strategy.global_state.values()),
+        "bytes_up_total": sum(r["bytes_up"] for r in recorder.rounds),
+        "bytes_down_total": sum(r["bytes_down"] for r in recorder.rounds),
+        "merged_model": export.name, "hardware": hardware(), "versions": versions(),
+        "date": datetime.now().isoformat(timespec="seconds"), "config": cfg.to_flower(),
+    })
+    print(f"[fedmeld] run directory: {recorder.run_dir}", flush=True)
+    return recorder.run_dir

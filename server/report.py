@@ -1,0 +1,111 @@
+"""What a run leaves on disk: per-round metrics, checkpoints, a summary, a plot and the merged model.
+
+Every file is written to a temporary name and renamed into place, so an interrupted run never
+leaves a half-written checkpoint or summary behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from client.config import RunConfig
+
+ROUND_KEYS = ("round", "test_accuracy", "test_auc", "test_loss", "train_loss", "num_clients_ok",
+              "num_clients_failed", "bytes_up", "bytes_down", "round_seconds")
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.dataset}-{cfg.peft.replace('+', '-')}"
+
+
+def make_run_dir(out: str, run_name: str) -> Path:
+    """A new, empty run directory; an existing non-empty one is refused, never overwritten."""
+    path = Path(out).expanduser().resolve() / run_name
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"run directory {path} already holds files; choose another run-name or out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
+            "flwr": version("flwr"), "medmnist": version("medmnist")}
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Appends one JSON line per round and keeps the latest global adapter state on disk."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.rounds: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def log_round(self, record: dict[str, Any], num_rounds: int) -> None:
+        self.rounds.append(record)
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[fedmeld] round {record['round']}/{num_rounds}: clients {record['num_clients_ok']} ok"
+              f" / {record['num_clients_failed']} failed | train loss {record['train_loss']:.4f}"
+              f" | test acc {record['test_accuracy']:.4f} auc {record['test_auc']:.4f}"
+              f" | up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB"
+              f" | {record['round_seconds']:.1f} s", flush=True)
+
+    def checkpoint(self, state: dict[str, torch.Tensor], server_round: int) -> None:
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        _atomic_write(self.run_dir / "adapter.safetensors",
+                      lambda p: save_file(tensors, str(p), metadata={"round": str(server_round)}))
+
+    def export_model(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        """The merged model as safetensors that `timm.create_model(...).load_state_dict` takes."""
+        path = self.run_dir / "model_merged.safetensors"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+        return path
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        summary = {**summary, "wall_seconds": time.perf_counter() - self.started}
+        _atomic_write(self.run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        self.plot()
+
+    def plot(self) -> None:
+        """Test accuracy/AUC and train loss per round, one PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rounds]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(rounds, [r["test_accuracy"] for r in self.rounds], "o-", label="test ACC")
+        ax1.plot(rounds, [r["test_auc"] for r in self.rounds], "s-", label="test AUC")
+        ax1.set(xlabel="round", ylabel="score", title="Global model on the test split")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        ax2.plot(rounds, [r["train_loss"] for r in self.rounds], "o-", color="tab:red")
+        ax2.set(xlabel="round", ylabel="loss", title="Mean client train loss")
+        ax2.grid(alpha=0.3)
+        fig.tight_layout()
+        _atomic_write(self.run_dir / "curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        plt.close(fig)

@@ -1,0 +1,113 @@
+"""A Flower strategy whose clients send adapter deltas instead of weights.
+
+It is Flower's FedAvg for sampling and messaging; it overrides aggregation so that a bad reply
+(an error, non-finite tensors, wrong names/shapes/dtypes) is logged and dropped instead of ending
+the run, and it keeps per-round bookkeeping (clients ok/failed, bytes each way, seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.aggregation import Aggregator, Delta
+
+log = logging.getLogger(__name__)
+WEIGHT_KEY = "num-examples"
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Serialized size of an ArrayRecord's tensors: what crosses the wire, headers included."""
+    return sum(len(array.data) for array in record.values())
+
+
+class BadReply(ValueError):
+    """A train reply that cannot be aggregated; the message says why."""
+
+
+def parse_reply(msg: Message, reference: Delta) -> tuple[Delta, float]:
+    """The delta and example count of a train reply, checked against the global state."""
+    if msg.has_error():
+        reason = msg.error.reason.strip().splitlines() if msg.error.reason else []
+        raise BadReply(f"client error {msg.error.code}: {reason[-1] if reason else 'no reason given'}")
+    content = msg.content
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        raise BadReply("reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord")
+    weight = content["metrics"].get(WEIGHT_KEY)
+    if not isinstance(weight, (int, float)) or weight <= 0:
+        raise BadReply(f"metric {WEIGHT_KEY!r} missing or not positive: {weight!r}")
+    delta = content["arrays"].to_torch_state_dict()
+    missing, unexpected = reference.keys() - delta.keys(), delta.keys() - reference.keys()
+    if missing or unexpected:
+        raise BadReply(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    for name, ref in reference.items():
+        got = delta[name]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise BadReply(f"{name}: got {tuple(got.shape)} {got.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise BadReply(f"{name}: non-finite values")
+    return delta, float(weight)
+
+
+class DeltaFedAvg(FedAvg):
+    """Global state += server_lr * aggregate(client deltas), with bad replies dropped."""
+
+    def __init__(self, initial_state: Delta, aggregator: Aggregator, server_lr: float = 1.0, **kwargs) -> None:
+        super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
+        self.global_state = initial_state
+        self.aggregator = aggregator
+        self.server_lr = server_lr
+        self.round_stats: dict[int, dict[str, float]] = {}  # what metrics.jsonl records per round
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.round_stats[server_round] = {
+            "round_start": time.perf_counter(), "num_sampled": len(messages),
+            "bytes_down": payload_bytes(arrays) * len(messages), "bytes_up": 0,
+            "num_clients_ok": 0, "num_clients_failed": len(messages), "train_loss": math.nan,
+            "client_val_accuracy": math.nan,
+        }
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.round_stats[server_round]["bytes_down"] += payload_bytes(arrays) * len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good: list[tuple[Message, Delta, float]] = []
+        for msg in replies:
+            try:
+                good.append((msg, *parse_reply(msg, self.global_state)))
+            except BadReply as bad:
+                log.warning("round %d: rejected reply from node %d: %s", server_round, msg.metadata.src_node_id, bad)
+        stats = self.round_stats[server_round]
+        stats["num_clients_ok"] = len(good)
+        stats["num_clients_failed"] = stats["num_sampled"] - len(good)  # errors, rejects and timeouts
+        stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _, _ in good)
+        if not good:
+            log.warning("round %d: no usable replies; the global state is unchanged", server_round)
+            return None, None
+        mean = self.aggregator([d for _, d, _ in good], [w for _, _, w in good])
+        self.global_state = {k: (v + self.server_lr * mean[k]).to(v.dtype) for k, v in self.global_state.items()}
+        metrics = self.train_metrics_aggr_fn([m.content for m, _, _ in good], WEIGHT_KEY)
+        stats["train_loss"] = float(metrics.get("train_loss", math.nan))
+        return ArrayRecord(self.global_state), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Client-side validation metrics, weighted; replies that are errors or malformed are skipped."""
+        good = [m for m in replies if not m.has_error() and len(m.content.metric_records) == 1
+                and WEIGHT_KEY in next(iter(m.content.metric_records.values()))]
+        metrics = self.evaluate_metrics_aggr_fn([m.content for m in good], WEIGHT_KEY) if good else None
+        self.round_stats[server_round]["client_val_accuracy"] = float((metrics or {}).get("val_accuracy", math.nan))
+        return metrics

@@ -1,0 +1,106 @@
+"""Run one federated simulation: ``python -m simulations.run [--config FILE.toml] [key=value ...]``.
+
+The keys are the app's run-config keys (``[tool.flwr.app.config]`` in pyproject.toml), so this and
+``flwr run .`` take the same settings. Bad keys and values are refused before anything starts.
+The last line printed is the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from client.config import ConfigError, RunConfig, describe
+from server.report import default_run_name
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` with TOML values (``lr=0.01``, ``pretrained=true``); bare words are strings."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def load_config(config_file: str | None, pairs: list[str]) -> RunConfig:
+    """Defaults, then the TOML file (a flat table of run-config keys), then key=value pairs."""
+    overrides: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, "rb") as f:
+            overrides.update(tomllib.load(f))
+    overrides.update(parse_overrides(pairs))
+    cfg = RunConfig.from_mapping(overrides)
+    run_name = cfg.run_name or default_run_name(cfg)
+    return RunConfig.from_mapping({**cfg.to_flower(), "out": str(Path(cfg.out).expanduser().resolve()),
+                                   "run-name": run_name})
+
+
+def simulate(cfg: RunConfig) -> Path:
+    """Run the apps under Flower's simulation runtime in this process; return the run directory."""
+    import torch
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import federate
+
+    # run_simulation() hands the ServerApp an empty run config, so this one closes over ours;
+    # clients receive it with every instruction, exactly as under `flwr run`.
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        federate(grid, cfg)
+
+    gpus = torch.cuda.device_count()
+    cpus = os.cpu_count() or 1
+    parallel = max(1, min(cfg.num_clients, cpus))
+    backend = {
+        "client_resources": {"num_cpus": max(1, cpus // parallel), "num_gpus": 1.0 / parallel if gpus else 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "logging_level": "ERROR", "log_to_driver": True},
+    }
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
+                   backend_config=backend)
+    run_dir = Path(cfg.out) / cfg.run_name
+    if not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"the simulation ended without writing {run_dir / 'summary.json'}; see the log above")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a federated fedmeld simulation and write its run directory "
+                    "(metrics.jsonl, summary.json, curves.png, adapter and merged-model safetensors).",
+        epilog="run-config keys (key = default {choices}):\n" + describe(),
+    )
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a flat table of run-config keys")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, OSError, tomllib.TOMLDecodeError) as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_dir = simulate(cfg)
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
