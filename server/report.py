@@ -28,11 +28,16 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.dataset}-{cfg.peft.replace('+', '-')}"
 
 
-def make_run_dir(out: str, run_name: str) -> Path:
-    """A new, empty run directory; an existing non-empty one is refused, never overwritten."""
+def run_dir_path(out: str, run_name: str) -> Path:
+    """Where a run writes; an existing non-empty directory is refused, never overwritten."""
     path = Path(out).expanduser().resolve() / run_name
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"run directory {path} already holds files; choose another run-name or out")
+    return path
+
+
+def make_run_dir(out: str, run_name: str) -> Path:
+    path = run_dir_path(out, run_name)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

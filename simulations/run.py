@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client.config import ConfigError, RunConfig, describe
-from server.report import default_run_name
+from server.report import default_run_name, run_dir_path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -59,6 +59,8 @@ def simulate(cfg: RunConfig) -> Path:
     from client.app import app as client_app
     from server.app import federate
 
+    run_dir = run_dir_path(cfg.out, cfg.run_name)  # refuse a used directory before starting anything
+
     # run_simulation() hands the ServerApp an empty run config, so this one closes over ours;
     # clients receive it with every instruction, exactly as under `flwr run`.
     server_app = ServerApp()
@@ -76,7 +78,6 @@ def simulate(cfg: RunConfig) -> Path:
     }
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
                    backend_config=backend)
-    run_dir = Path(cfg.out) / cfg.run_name
     if not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"the simulation ended without writing {run_dir / 'summary.json'}; see the log above")
     return run_dir

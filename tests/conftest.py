@@ -1,0 +1,27 @@
+"""Shared fixtures: the real MedMNIST files in ../shared, and small run configs on them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+OFFICIAL = Path(os.environ.get("MEDMNIST_ROOT", REPO.parent / "shared" / "data" / "medmnist"))
+SUBSETS = REPO.parent / "shared" / "data" / "medmnist-subsets"
+
+
+@pytest.fixture(scope="session")
+def medmnist_root() -> Path:
+    """The official BreastMNIST/RetinaMNIST files; tests never download."""
+    if not (OFFICIAL / "breastmnist.npz").is_file():
+        pytest.fail(f"real MedMNIST files not found in {OFFICIAL}; set MEDMNIST_ROOT to ../shared/data/medmnist")
+    return OFFICIAL
+
+
+@pytest.fixture
+def tiny_config(medmnist_root: Path, tmp_path: Path) -> dict:
+    """Run-config overrides for a small, fast federation on real BreastMNIST."""
+    return {"data-root": str(medmnist_root), "model": "resnet10t", "num-clients": 2, "num-server-rounds": 2,
+            "local-epochs": 1, "batch-size": 64, "out": str(tmp_path / "runs"), "run-name": "test"}

@@ -1,0 +1,69 @@
+"""Building the backbone: random init, a local weights file the test writes itself, offline errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from client.config import RunConfig
+from client.data import task_info
+from client.model import WeightsError, build_model, create_backbone
+from tests.conftest import REPO
+
+
+def test_random_init_is_identical_on_every_node():
+    cfg = RunConfig.from_mapping({"model": "resnet10t"})
+    a, b = create_backbone(cfg, task_info("breastmnist")), create_backbone(cfg, task_info("breastmnist"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    other = create_backbone(RunConfig.from_mapping({"model": "resnet10t", "seed": 1}), task_info("breastmnist"))
+    assert not torch.equal(a.layer1[0].conv1.weight, other.layer1[0].conv1.weight)
+
+
+def test_local_weights_file_loads_with_resized_head_and_adapted_input(tmp_path):
+    """An ImageNet-shaped checkpoint (3 channels, 1000 classes) into a 1-channel, 2-class model."""
+    torch.manual_seed(123)
+    source = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "weights": str(path)})
+    model = create_backbone(cfg, task_info("breastmnist"))
+    assert torch.equal(model.layer3[0].conv2.weight, source.layer3[0].conv2.weight)
+    assert model.fc.out_features == 2 and model.conv1[0].in_channels == 1
+    # timm adapts RGB filters to grayscale by summing over the input channels
+    torch.testing.assert_close(model.conv1[0].weight, source.conv1[0].weight.sum(1, keepdim=True))
+    random = create_backbone(RunConfig.from_mapping({"model": "resnet10t"}), task_info("breastmnist"))
+    assert not torch.equal(random.layer3[0].conv2.weight, source.layer3[0].conv2.weight)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "weights": str(tmp_path / "nope.safetensors")})
+    with pytest.raises(WeightsError, match=r"nope\.safetensors does not exist"):
+        create_backbone(cfg, task_info("breastmnist"))
+
+
+def test_hub_weights_offline_say_how_to_go_on(tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so ask as a user would: from a fresh process
+    code = ("from client.config import RunConfig; from client.data import task_info; "
+            "from client.model import create_backbone; "
+            "create_backbone(RunConfig.from_mapping({'model': 'resnet10t', 'pretrained': True}), "
+            "task_info('breastmnist'))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"WeightsError: could not fetch pretrained weights for resnet10t.*weights=/path/to/file"
+                     r".*HF_HUB_OFFLINE=1.*pretrained=false", proc.stderr)
+
+
+def test_vit_gets_the_data_image_size():
+    cfg = RunConfig.from_mapping({"model": "vit_tiny_patch16_224", "image-size": 64, "peft": "lora"})
+    model = build_model(cfg, task_info("retinamnist"))
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)

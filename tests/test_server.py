@@ -1,0 +1,96 @@
+"""Server-side aggregation of adapter deltas, with real Flower messages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from server.aggregation import AGGREGATORS, weighted_mean
+from server.strategy import DeltaFedAvg, payload_bytes
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages take their run and sender from the runtime's TaskIdentity; stand in for it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    """The one Grid call FedAvg's sampling makes."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.node_ids
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"layer.lora_A": torch.randn(4, 6, generator=g), "layer.lora_B": torch.randn(5, 4, generator=g),
+            "norm.weight": torch.randn(5, generator=g)}
+
+
+def _reply(instruction: Message, delta: dict[str, torch.Tensor] | None, n: int) -> Message:
+    if delta is None:
+        return Message(Error(code=2, reason="Traceback ...\nRuntimeError: CUDA out of memory"), reply_to=instruction)
+    return Message(RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}),
+                   reply_to=instruction)
+
+
+def test_weighted_mean_matches_hand_computation():
+    deltas, weights = [_state(1), _state(2), _state(3)], [10, 30, 60]
+    mean = weighted_mean(deltas, weights)
+    for name in deltas[0]:
+        by_hand = (10 * deltas[0][name] + 30 * deltas[1][name] + 60 * deltas[2][name]) / 100
+        torch.testing.assert_close(mean[name], by_hand, rtol=0, atol=1e-6)
+    assert AGGREGATORS["fedavg"] is weighted_mean
+    with pytest.raises(ValueError, match="one weight per delta"):
+        weighted_mean(deltas, [1, 2])
+
+
+def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
+    global_state = _state(0)
+    strategy = DeltaFedAvg({k: v.clone() for k, v in global_state.items()}, weighted_mean, server_lr=0.5,
+                           min_available_nodes=1, min_train_nodes=1)
+    instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, ArrayRecord(global_state), ConfigRecord({}), FakeGrid([11, 12, 13, 14, 15, 16, 17]))}
+    good = {11: (_state(1), 100), 12: (_state(2), 300)}
+    nan = _state(3)
+    nan["norm.weight"][2] = math.nan
+    wrong_shape = _state(4)
+    wrong_shape["layer.lora_A"] = torch.zeros(4, 7)
+    missing = _state(5)
+    del missing["norm.weight"]
+    replies = [_reply(instructions[k], d, n) for k, (d, n) in good.items()] + [
+        _reply(instructions[13], nan, 50), _reply(instructions[14], wrong_shape, 50),
+        _reply(instructions[15], missing, 50), _reply(instructions[16], None, 0),
+    ]  # node 17 times out: no reply at all
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    expected = {k: v + 0.5 * (100 * good[11][0][k] + 300 * good[12][0][k]) / 400 for k, v in global_state.items()}
+    for name, value in arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+    stats = strategy.round_stats[1]
+    assert (stats["num_clients_ok"], stats["num_clients_failed"]) == (2, 5)
+    assert stats["bytes_up"] == sum(payload_bytes(ArrayRecord(d)) for d, _ in good.values())
+    assert stats["bytes_down"] == payload_bytes(ArrayRecord(global_state)) * 7
+    assert metrics["train_loss"] == pytest.approx(1.0)
+    for node, why in [(13, "non-finite"), (14, "expected (4, 6)"), (15, "missing ['norm.weight']"),
+                      (16, "CUDA out of memory")]:
+        assert f"rejected reply from node {node}" in caplog.text and why in caplog.text
+
+
+def test_round_with_no_usable_reply_keeps_the_global_state():
+    global_state = _state(0)
+    strategy = DeltaFedAvg(dict(global_state), weighted_mean, min_available_nodes=1, min_train_nodes=1)
+    [instruction] = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord({}), FakeGrid([3]))
+    assert strategy.aggregate_train(1, [_reply(instruction, None, 0)]) == (None, None)
+    assert all(torch.equal(strategy.global_state[k], v) for k, v in global_state.items())
