@@ -1,0 +1,167 @@
+"""Run the fedmeld apps under Flower's deployment runtime on this machine.
+
+``python -m simulations.deploy [--supernodes N] [--gpus 0,1] [key=value ...]`` starts a SuperLink
+and N SuperNodes on localhost (insecure, loopback only), each SuperNode pointed at its own data
+partition through ``--node-config`` and, with ``--gpus``, pinned to one of the listed GPUs
+(round-robin, so several SuperNodes may share a GPU). It then submits the app with ``flwr run``,
+follows the run until it ends, and stops every process it started, also on failure or Ctrl-C.
+For real sites, run the same ``flower-supernode`` command on each hospital's machine against the
+SuperLink's address (with TLS) instead of localhost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from client.config import PYPROJECT, ConfigError, RunConfig, describe
+from simulations.run import load_config
+
+REPO = PYPROJECT.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_config(partition_id: int, num_partitions: int, gpus: list[str], data_root: str) -> str:
+    """What one SuperNode knows about itself: its shard, and optionally its GPU and data."""
+    items = {"partition-id": partition_id, "num-partitions": num_partitions}
+    if gpus:
+        items["device"] = f'"cuda:{gpus[partition_id % len(gpus)]}"'
+    if data_root:
+        items["data-root"] = json.dumps(data_root)
+    return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+class Deployment:
+    """A SuperLink and SuperNodes as child processes, each in its own process group, logging to files."""
+
+    def __init__(self, home: Path, num_supernodes: int, gpus: list[str], data_root: str) -> None:
+        self.home, self.procs = home, []
+        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "PYTHONUNBUFFERED": "1",  # Flower spawns its helpers by name: find this environment's first
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.port = free_port()
+        self._start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                                  "--port", str(self.port)])
+        self._wait_for_port(self.port)
+        for i in range(num_supernodes):
+            self._start(f"supernode-{i}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port()), "--node-config", node_config(i, num_supernodes, gpus, data_root)])
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def _start(self, name: str, cmd: list[str]) -> None:
+        log = (self.home / f"{name}.log").open("w")
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+
+    def _wait_for_port(self, port: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[0].poll() is not None:
+                raise RuntimeError(f"the SuperLink exited; see {self.home / 'superlink.log'}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"the SuperLink did not listen on port {port} within {timeout:.0f} s")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def stop(self) -> None:
+        """SuperNodes first, then the SuperLink; each with its whole process group (superexec, apps)."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: Path,
+                   poll_seconds: float = 2.0) -> Path:
+    """Start the federation, run the app to the end, stop everything; return the run directory."""
+    run_dir = Path(cfg.out) / cfg.run_name
+    overrides = home / "run-config.toml"
+    overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_flower().items()))
+    with ExitStack() as stack:
+        fed = Deployment(home, num_supernodes, gpus, cfg.data_root)
+        stack.callback(fed.stop)
+        submitted = fed.flwr("run", ".", "deploy", "--run-config", str(overrides), "--format", "json")
+        if submitted.returncode != 0:
+            raise RuntimeError(f"flwr run failed:\n{submitted.stdout}\n{submitted.stderr}")
+        run_id = json.loads(submitted.stdout)["run-id"]
+        print(f"[fedmeld] run {run_id} submitted to the SuperLink on 127.0.0.1:{fed.port}; "
+              f"{num_supernodes} SuperNodes; logs in {home}", flush=True)
+        shown = 0
+        while True:
+            status = _status(fed, run_id)
+            metrics = run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            for line in lines[shown:]:
+                r = json.loads(line)
+                print(f"[fedmeld] round {r['round']}: test acc {r['test_accuracy']:.4f} auc {r['test_auc']:.4f} "
+                      f"clients ok {r['num_clients_ok']} | {r['round_seconds']:.1f} s", flush=True)
+            shown = len(lines)
+            if status.startswith("finished"):
+                break
+            time.sleep(poll_seconds)
+    if status != "finished:completed" or not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"run {run_id} ended as {status!r}; see {home}/*.log")
+    return run_dir
+
+
+def _status(fed: Deployment, run_id: int) -> str:
+    listed = fed.flwr("ls", "--run-id", str(run_id), "--format", "json", "deploy")
+    try:
+        return json.loads(listed.stdout)["runs"][0]["status"]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        raise RuntimeError(f"flwr ls gave no status for run {run_id}:\n{listed.stdout}\n{listed.stderr}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + " Starts a local SuperLink and SuperNodes, runs, stops them.",
+        epilog="run-config keys (key = default {choices}):\n" + describe())
+    parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes (hospitals) to start; default 2")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU indices to spread SuperNodes over "
+                                                   "round-robin, e.g. 0,1; empty: each node uses device=auto")
+    parser.add_argument("--home", help="FLWR_HOME for this deployment (state, logs); default: a new temp dir")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a flat table of run-config keys")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, [f"num-clients={args.supernodes}", f"min-clients={args.supernodes}",
+                                        *args.overrides])
+    except (ConfigError, OSError) as err:
+        parser.error(str(err))
+    home = Path(args.home or tempfile.mkdtemp(prefix="fedmeld-deploy-"))
+    home.mkdir(parents=True, exist_ok=True)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    print(run_deployment(cfg, args.supernodes, gpus, home))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
