@@ -21,7 +21,7 @@ MEDMNIST_2D = (
     "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
 )
-PEFT_CHOICES = ("lora", "norm", "lora+norm", "head", "full")
+PEFT_CHOICES = ("lora", "norm", "lora+norm", "head", "full", "lte")
 
 
 class ConfigError(ValueError):
@@ -63,13 +63,21 @@ class RunConfig:
     batch_size: int = _key("Local mini-batch size.", check=_positive[0], rule=_positive[1])
     lr: float = _key("Client AdamW learning rate.", check=_positive[0], rule=_positive[1])
     weight_decay: float = _key("Client AdamW weight decay.", check=_non_negative[0], rule=_non_negative[1])
-    peft: str = _key("What trains: LoRA, norm gamma/beta, both, the head only, or everything. "
-                     "The classifier head (resized to the dataset) always trains.", PEFT_CHOICES)
+    peft: str = _key("What trains: LoRA, norm gamma/beta, both, the head only, everything, or LTE (parallel "
+                     "LoRA heads merged into the backbone). The classifier head (resized to the dataset) "
+                     "always trains.", PEFT_CHOICES)
     lora_rank: int = _key("LoRA rank r.", check=_positive[0], rule=_positive[1])
     lora_alpha: float = _key("LoRA alpha; the update is scaled by alpha/r.", check=_positive[0], rule=_positive[1])
     lora_dropout: float = _key("Dropout on the LoRA side path.", check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
     target_modules: str = _key("Comma-separated LoRA target patterns (module names, suffixes or globs); "
                                "empty: the model family's defaults.")
+    lte_heads: int = _key("LTE: parallel LoRA heads per client, each on its own micro-batch (batch-size must "
+                          "divide by it).", check=_positive[0], rule=_positive[1])
+    lte_merge_every: int = _key("LTE: optimizer steps between merges of the heads into the backbone.",
+                                check=_positive[0], rule=_positive[1])
+    lte_merge_mode: str = _key("LTE merge rule: resetless (the base takes the mean change of s·B·A, factors "
+                               "kept) or reinit (merge the mean s·B·A, then re-initialise the heads, ReLoRA-style).",
+                               ("resetless", "reinit"))
     bn_stats: str = _key("BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
                          ("aggregate", "frozen"))
     server_lr: float = _key("Server learning rate on the mean delta (1.0 = FedAvg).",
