@@ -20,6 +20,8 @@ class PeftConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    lora_freeze_a: bool = False  # A regenerated from lora_seed + module name and frozen; only B trains
+    lora_seed: int = 0
     target_modules: list[str] | None = None  # None -> per-family defaults
     bn_stats: str = "aggregate"  # "aggregate" | "frozen", see peft/norm.py
 
@@ -51,6 +53,10 @@ class PeftConfig:
             raise ValueError(f"PeftConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"PeftConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.lora_freeze_a, bool):
+            raise ValueError(f"PeftConfig.lora_freeze_a must be a bool, got {self.lora_freeze_a!r}")
+        if isinstance(self.lora_seed, bool) or not isinstance(self.lora_seed, int) or self.lora_seed < 0:
+            raise ValueError(f"PeftConfig.lora_seed must be an int >= 0, got {self.lora_seed!r}")
         if self.target_modules is not None and (
             not isinstance(self.target_modules, list)
             or not self.target_modules

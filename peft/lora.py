@@ -4,12 +4,25 @@
 starts out computing exactly what the base model computes. The wrappers subclass
 the base layer and take over its ``weight``/``bias`` Parameter objects, so the
 base weights keep their state-dict names and only ``lora_A``/``lora_B`` are new.
+
+Speed: with a frozen base, LoRA saves the weight-gradient GEMM of full
+fine-tuning but the naive side path ``B(A x)`` adds several skinny, memory-bound
+passes over x and dY (forward products, their gradients, add, scale) that eat the
+saving. ``LoRALinear`` therefore trains through ``MergedLoRALinear`` (one GEMM
+through ``W + s B A``; see there). ``LoRAConv2d`` keeps the two-conv side path:
+the same trick needs conv weight-gradient kernels for dA, and no target model of
+ours (ViT, ConvNeXt MLPs) has a conv LoRA layer to gain from it.
+
+Frozen-A LoRA (``PeftConfig.lora_freeze_a``): A is regenerated from
+``lora_seed`` and the module name, so it never travels; only B trains, and the
+backward pass keeps just ``x A^T`` (rank x tokens) instead of x.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import zlib
 from fnmatch import fnmatchcase
 
 import torch
@@ -39,6 +52,7 @@ class LoRALayer:
         self.lora_alpha = alpha
         self.scaling = alpha / rank
         self.lora_dropout = dropout  # a float, not a module: no copy of x when 0
+        self.fast = True  # LoRALinear: train through the merged weight (False: naive side path)
         self.reset_lora()
 
     def reset_lora(self) -> None:
@@ -48,6 +62,14 @@ class LoRALayer:
         self.lora_B = nn.Parameter(w.new_zeros(w.shape[0], self.rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+
+    @torch.no_grad()
+    def freeze_a(self, seed: int) -> None:
+        """Regenerate A from ``seed`` (on the CPU, so every device agrees) and freeze it; only B trains."""
+        a = torch.empty(self.lora_A.shape)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+        self.lora_A.copy_(a)
+        self.lora_A.requires_grad_(False)
 
     def _adopt(self, base: nn.Module) -> LoRALayer:
         """Take over ``base``'s weight/bias objects; LoRA params move to their device/dtype."""
@@ -108,6 +130,47 @@ class LoRALinear(LoRALayer, nn.Linear):
 
     def _lora_path(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base_frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if not self.fast or self.merged or (self.lora_dropout and self.training) or not base_frozen:
+            return super().forward(x)
+        # Compute in the autocast dtype, as F.linear would: no float32 copies of x or W.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        grad = torch.is_grad_enabled()
+        return MergedLoRALinear.apply(x.to(dtype), self.weight.to(dtype), bias, self.lora_A.to(dtype),
+                                      self.lora_B.to(dtype), self.scaling,
+                                      grad and self.lora_A.requires_grad, grad and self.lora_B.requires_grad)
+
+
+class MergedLoRALinear(torch.autograd.Function):
+    """``y = x (W + s B A)^T + b`` with W and b frozen, in one GEMM as in full fine-tuning.
+
+    With ``h = x (sA)^T`` and ``g = dY (sB)``: dX = dY (W + s B A), dB = dY^T h,
+    dA = g^T x, so backward reads dY twice and x once beyond the dX GEMM, and
+    saves x only when A trains (frozen A: just h, rank x tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, grad_A: bool, grad_B: bool) -> Tensor:
+        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ (scaling * lora_A).t() if grad_B else None
+        ctx.save_for_backward(merged, scaling * lora_B if grad_A else None, x2 if grad_A else None, h)
+        ctx.x_shape = x.shape
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        merged, scaled_B, x2, h = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = (dy2 @ merged).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        d_A = (dy2 @ scaled_B).t() @ x2 if x2 is not None else None
+        d_B = dy2.t() @ h if h is not None else None
+        return dx, None, None, d_A, d_B, None, None, None
 
 
 class LoRAConv2d(LoRALayer, nn.Conv2d):
@@ -189,8 +252,17 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) or fnmatchcase(name, p) for p in patterns)
 
 
-def inject_lora(model: nn.Module, patterns: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
-    """Replace matching layers in place with LoRA wrappers; return the wrapped names."""
+def module_seed(seed: int, name: str) -> int:
+    """A per-module seed that every process derives alike (``hash()`` is salted per process)."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def inject_lora(model: nn.Module, patterns: list[str], rank: int, alpha: float, dropout: float = 0.0,
+                frozen_a_seed: int | None = None) -> list[str]:
+    """Replace matching layers in place with LoRA wrappers; return the wrapped names.
+
+    With ``frozen_a_seed``, each A is regenerated from it and the module name, and frozen.
+    """
     candidates = _candidates(model)
     wrapped = []
     for name, module in candidates.items():
@@ -202,6 +274,8 @@ def inject_lora(model: nn.Module, patterns: list[str], rank: int, alpha: float, 
             continue
         parent_name, _, child = name.rpartition(".")
         lora = _WRAPPERS[type(module)].from_module(module, rank, alpha, dropout)
+        if frozen_a_seed is not None:
+            lora.freeze_a(module_seed(frozen_a_seed, name))
         setattr(model.get_submodule(parent_name), child, lora)
         wrapped.append(name)
     if not wrapped:
@@ -213,4 +287,5 @@ def inject_lora(model: nn.Module, patterns: list[str], rank: int, alpha: float, 
 @register_adapter("lora")
 def apply_lora(model: nn.Module, cfg: PeftConfig) -> None:
     patterns = cfg.target_modules or default_target_modules(model)
-    inject_lora(model, patterns, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    inject_lora(model, patterns, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                frozen_a_seed=cfg.lora_seed if cfg.lora_freeze_a else None)

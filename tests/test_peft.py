@@ -360,3 +360,106 @@ def test_count_parameters_linear_lora():
     model = adapted("vit", "lora", lora_rank=rank)
     per_block = sum(rank * (i + o) for i, o in [(dim, 3 * dim), (dim, dim), (dim, 4 * dim), (4 * dim, dim)])
     assert count_parameters(model) == (depth * per_block, base_total + depth * per_block)
+
+
+# --- fast (merged-weight) LoRA path and frozen A ----------------------------------
+
+def lora_linear_pair(freeze_a: bool = False) -> tuple[LoRALinear, LoRALinear]:
+    """Two identical random LoRALinear layers (non-zero B): fast path on, and off."""
+    torch.manual_seed(0)
+    fast = randomized(LoRALinear.from_module(nn.Linear(48, 40).requires_grad_(False), rank=4, alpha=8.0))
+    if freeze_a:
+        fast.freeze_a(seed=3)
+    naive = copy.deepcopy(fast)
+    naive.fast = False
+    return fast, naive
+
+
+def grads(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Output and gradients of a fixed random loss, optionally under CPU autocast."""
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        y = layer(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).square().sum().backward()
+    out = {"y": y.detach().float(), "x": x.grad}
+    out.update({n: p.grad for n, p in layer.named_parameters() if p.requires_grad})
+    return out
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fast_lora_linear_equals_naive(freeze_a, dtype):
+    fast, naive = lora_linear_pair(freeze_a)
+    x = torch.randn(3, 5, 48)  # (batch, tokens, features), as in a ViT
+    got, want = grads(fast, x, dtype), grads(naive, x, dtype)
+    assert set(got) == set(want) == ({"y", "x", "lora_B"} | (set() if freeze_a else {"lora_A"}))
+    tol = 1e-5 if dtype is None else 1e-2  # relative error: float32 vs bf16 rounding
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert ((got[k] - want[k]).float().norm() / want[k].float().norm()).item() < tol, k
+    if dtype is not None:
+        assert got["y"].abs().max() > 0.1 and fast(x).dtype == torch.float32  # autocast off: float32 out
+
+
+def test_fast_lora_linear_uses_autocast_dtype_and_falls_back():
+    fast, _ = lora_linear_pair()
+    x = torch.randn(4, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).dtype == torch.bfloat16
+    seen = []
+    fast._lora_path = lambda x: seen.append(1) or LoRALinear._lora_path(fast, x)  # naive side path marker
+    fast(x)
+    assert not seen  # fast: no side path
+    fast.lora_dropout = 0.5
+    fast.eval()(x)
+    assert not seen  # dropout is a no-op in eval: still fast
+    fast.train()(x)
+    assert seen  # dropout in training: naive path
+    fast.lora_dropout, seen[:] = 0.0, []
+    fast.weight.requires_grad_(True)  # a trainable base needs dW: naive path
+    fast(x)
+    assert seen
+
+
+def test_frozen_a_reproducible_and_only_b_travels():
+    cfg = dict(method="lora+head", lora_freeze_a=True, lora_seed=7)
+    a, b = adapted("vit", seed=0, **cfg), adapted("vit", seed=1, **cfg)
+    assert all(not m.lora_A.requires_grad for m in a.modules() if isinstance(m, LoRALinear))
+    a_mats = {n: p for n, p in a.named_parameters() if n.endswith("lora_A")}
+    b_mats = dict(b.named_parameters())
+    assert a_mats and all(torch.equal(p, b_mats[n]) for n, p in a_mats.items())  # same seed, any torch RNG
+    assert len({p.sum().item() for p in a_mats.values()}) == len(a_mats)  # one A per module
+    other = adapted("vit", **{**cfg, "lora_seed": 8})
+    assert not torch.equal(dict(other.named_parameters())["blocks.0.attn.qkv.lora_A"], a_mats["blocks.0.attn.qkv.lora_A"])
+
+    state = adapter_state(a)
+    assert not any("lora_A" in k for k in state) and any("lora_B" in k for k in state)
+    a(images()).square().sum().backward()
+    assert {n for n, p in a.named_parameters() if p.grad is not None} == set(state)
+
+
+def test_frozen_a_conv():
+    model = adapted("resnet", "lora", lora_freeze_a=True)
+    model(images()).square().sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(n.endswith("lora_B") for n in trained)
+
+
+def test_norm_mode_equals_hand_written_floor():
+    """``norm`` trains exactly the norm affine params: nothing beyond the hand-written floor."""
+    model = adapted("convnext", "norm")
+    floor = build("convnext").requires_grad_(False)
+    for m in floor.modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)):
+            m.requires_grad_(True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+           {n for n, p in floor.named_parameters() if p.requires_grad}
+    assert dict(model.named_modules()).keys() == dict(floor.named_modules()).keys()  # no wrappers either
+
+
+def test_frozen_a_config_validation():
+    assert PeftConfig.from_dict(PeftConfig(lora_freeze_a=True, lora_seed=3).to_dict()).lora_freeze_a
+    with pytest.raises(ValueError, match="lora_freeze_a"):
+        PeftConfig(lora_freeze_a=1)
+    with pytest.raises(ValueError, match="lora_seed"):
+        PeftConfig(lora_seed=-1)
