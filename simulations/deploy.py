@@ -108,9 +108,10 @@ def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: P
         fed = Deployment(home, num_supernodes, gpus, cfg.data_root)
         stack.callback(fed.stop)
         submitted = fed.flwr("run", ".", "deploy", "--run-config", str(overrides), "--format", "json")
-        if submitted.returncode != 0:
-            raise RuntimeError(f"flwr run failed:\n{submitted.stdout}\n{submitted.stderr}")
-        run_id = json.loads(submitted.stdout)["run-id"]
+        try:
+            run_id = json.loads(submitted.stdout)["run-id"]
+        except (json.JSONDecodeError, KeyError):
+            raise RuntimeError(f"flwr run did not start the run:\n{submitted.stdout}\n{submitted.stderr}") from None
         print(f"[fedmeld] run {run_id} submitted to the SuperLink on 127.0.0.1:{fed.port}; "
               f"{num_supernodes} SuperNodes; logs in {home}", flush=True)
         shown = 0
