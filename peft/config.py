@@ -12,6 +12,7 @@ from typing import Any
 from .registry import ADAPTERS
 
 BN_STATS = ("aggregate", "frozen")
+WEIGHT_ADAPTERS = ("dora", "lora", "vera")  # each wraps the target layers: at most one per model
 
 
 @dataclass
@@ -22,6 +23,8 @@ class PeftConfig:
     lora_dropout: float = 0.0
     lora_freeze_a: bool = False  # A regenerated from lora_seed + module name and frozen; only B trains
     lora_seed: int = 0
+    vera_rank: int = 256  # rank of VeRA's shared frozen random A, B (only d, b of sizes r, out train)
+    vera_seed: int = 0  # VeRA's A, B are regenerated from it on every client
     target_modules: list[str] | None = None  # None -> per-family defaults
     bn_stats: str = "aggregate"  # "aggregate" | "frozen", see peft/norm.py
 
@@ -47,6 +50,13 @@ class PeftConfig:
                 )
         if "full" in self.components and len(self.components) > 1:
             raise ValueError(f"PeftConfig.method={self.method!r}: 'full' must stand alone")
+        wrappers = [name for name in WEIGHT_ADAPTERS if name in self.components]
+        if len(wrappers) > 1:
+            raise ValueError(f"PeftConfig.method={self.method!r}: {wrappers} are mutually exclusive "
+                             f"(each adapts the same target layers); choose one")
+        if "dora" in self.components and (self.lora_dropout or self.lora_freeze_a):
+            raise ValueError(f"PeftConfig.method={self.method!r}: DoRA supports neither lora_dropout "
+                             f"(got {self.lora_dropout!r}) nor lora_freeze_a (got {self.lora_freeze_a!r})")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise ValueError(f"PeftConfig.lora_rank must be an int >= 1, got {self.lora_rank!r}")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -57,6 +67,10 @@ class PeftConfig:
             raise ValueError(f"PeftConfig.lora_freeze_a must be a bool, got {self.lora_freeze_a!r}")
         if isinstance(self.lora_seed, bool) or not isinstance(self.lora_seed, int) or self.lora_seed < 0:
             raise ValueError(f"PeftConfig.lora_seed must be an int >= 0, got {self.lora_seed!r}")
+        for key in ("vera_rank", "vera_seed"):
+            value, low = getattr(self, key), 1 if key == "vera_rank" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"PeftConfig.{key} must be an int >= {low}, got {value!r}")
         if self.target_modules is not None and (
             not isinstance(self.target_modules, list)
             or not self.target_modules
