@@ -15,17 +15,18 @@ from functools import lru_cache
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch import nn
+from torch import Tensor, nn
 
 from client.config import ConfigError, RunConfig
 from client.data import Split, TaskInfo, load_split, task_info
 from client.engine import evaluate, pick_device, train
-from client.model import build_model
+from client.model import build_model, is_local
 from client.partition import partition, train_val_split
 from peft import adapter_state, load_adapter_state
 
 app = ClientApp()
 NODE_KEYS = ("data-root", "device")
+LOCAL_KEY = "fedmeld.local-params"  # this node's own tensors, kept in Flower's per-node context.state
 
 @dataclass(frozen=True)
 class Shard:
@@ -37,14 +38,14 @@ class Shard:
 def train_handler(msg: Message, context: Context) -> Message:
     cfg, shard, model, info = _setup(msg, context)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    load_adapter_state(model, global_state)
     server_round = int(msg.content["config"].get("server-round", 0))
-    device = pick_device(cfg.device)
     stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                  weight_decay=cfg.weight_decay, device=device,
-                  seed=cfg.seed * 100_003 + server_round * 1_009 + _partition_id(context))
-    delta = {k: v.cpu() - global_state[k] for k, v in adapter_state(model).items()}
-    arrays = ArrayRecord(delta)
+                  weight_decay=cfg.weight_decay, device=pick_device(cfg.device), input_size=cfg.input_size,
+                  seed=cfg.seed * 100_003 + server_round * 1_009 + _partition_id(context), prox_mu=cfg.proximal_mu)
+    state = {k: v.cpu() for k, v in adapter_state(model).items()}
+    if cfg.local_params:
+        context.state[LOCAL_KEY] = ArrayRecord({k: v for k, v in state.items() if is_local(k, cfg)})
+    arrays = ArrayRecord({k: state[k] - global_state[k] for k in global_state})
     metrics = MetricRecord({"num-examples": len(shard.train), **stats,
                             "bytes_sent": sum(len(a.data) for a in arrays.values())})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
@@ -52,19 +53,24 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """The global adapters on this client's local validation split."""
+    """The global adapters (with this client's own local-params) on its local validation split."""
     cfg, shard, model, info = _setup(msg, context)
-    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
-    result = evaluate(model, shard.val, info, device=pick_device(cfg.device))
+    result = evaluate(model, shard.val, info, device=pick_device(cfg.device), input_size=cfg.input_size)
     metrics = MetricRecord({"num-examples": len(shard.val), "val_loss": result.loss,
                             "val_accuracy": result.accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Shard, nn.Module, TaskInfo]:
+    """Config, shard and the model loaded with this round's state: the global tensors from the
+    message, plus this client's own local-params (its initial values before its first round)."""
     cfg = run_config(msg, context)
-    info = task_info(cfg.dataset)
-    return cfg, _shard(cfg, _partition_id(context), _num_partitions(context)), _model(cfg), info
+    model, initial = _model(cfg)
+    own = context.state[LOCAL_KEY].to_torch_state_dict() if LOCAL_KEY in context.state else {}
+    local = {k: own.get(k, v) for k, v in initial.items() if is_local(k, cfg)}
+    load_adapter_state(model, {**local, **msg.content["arrays"].to_torch_state_dict()})
+    shard = _shard(cfg, _partition_id(context), _num_partitions(context))
+    return cfg, shard, model, task_info(cfg.dataset)
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:
@@ -92,9 +98,10 @@ def _num_partitions(context: Context) -> int:
 
 
 @lru_cache(maxsize=4)
-def _model(cfg: RunConfig) -> nn.Module:
-    """One model per process and run: rounds only swap its adapter state."""
-    return build_model(cfg, task_info(cfg.dataset)).to(pick_device(cfg.device))
+def _model(cfg: RunConfig) -> tuple[nn.Module, dict[str, Tensor]]:
+    """One model per process and run, with its initial adapter state: rounds only swap state."""
+    model = build_model(cfg, task_info(cfg.dataset)).to(pick_device(cfg.device))
+    return model, {k: v.cpu() for k, v in adapter_state(model).items()}
 
 
 @lru_cache(maxsize=64)

@@ -21,6 +21,7 @@ MEDMNIST_2D = (
     "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
 )
+AGGREGATION_CHOICES = ("fedavg", "median", "trimmed-mean")
 PEFT_CHOICES = ("lora", "norm", "lora+norm", "head", "full", "lte")
 
 
@@ -44,6 +45,9 @@ class RunConfig:
 
     dataset: str = _key("MedMNIST 2D dataset flag.", MEDMNIST_2D)
     image_size: int = _key("MedMNIST image size; picks the file (e.g. breastmnist_64.npz).", (28, 64, 128, 224))
+    input_size: int = _key("Model input resolution; images are resized on the device when it differs from "
+                           "image-size (e.g. 32 for ConvNeXt on 28 px files). 0: image-size.",
+                           check=_non_negative[0], rule=_non_negative[1])
     data_root: str = _key("Directory holding the MedMNIST .npz files. Empty: $MEDMNIST_ROOT, "
                           "else medmnist's default (~/.medmnist), downloading when the file is absent.")
     model: str = _key("timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224.")
@@ -80,8 +84,22 @@ class RunConfig:
                                ("resetless", "reinit"))
     bn_stats: str = _key("BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
                          ("aggregate", "frozen"))
-    server_lr: float = _key("Server learning rate on the mean delta (1.0 = FedAvg).",
+    aggregation: str = _key("How client deltas combine: example-weighted mean (for LoRA: of A and B separately, "
+                            "not of B·A), coordinate-wise median, or 20% trimmed mean.", AGGREGATION_CHOICES)
+    server_optimizer: str = _key("Server step on the aggregated delta: sgd (lr 1 = FedAvg), momentum (FedAvgM), "
+                                 "adam (FedAdam), yogi (FedYogi).", ("sgd", "momentum", "adam", "yogi"))
+    server_lr: float = _key("Server learning rate on the aggregated delta (1.0 with sgd = FedAvg).",
                             check=_positive[0], rule=_positive[1])
+    server_beta1: float = _key("Server momentum / first-moment decay (momentum, adam, yogi).",
+                               check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    server_beta2: float = _key("Server second-moment decay (adam, yogi).", check=lambda v: 0 <= v < 1,
+                               rule="must be in [0, 1)")
+    server_tau: float = _key("Adaptivity floor added to the root second moment (adam, yogi).",
+                             check=_positive[0], rule=_positive[1])
+    proximal_mu: float = _key("FedProx: weight of (mu/2)·||w - w_global||² in each client's loss; 0 = off.",
+                              check=_non_negative[0], rule=_non_negative[1])
+    local_params: str = _key("Comma-separated adapter-name patterns kept on each client and never sent "
+                             "(personalisation: e.g. norm weights for FedBN-style, head for FedPer-style).")
     fraction_train: float = _key("Fraction of connected clients sampled each round.",
                                  check=_fraction[0], rule=_fraction[1])
     min_clients: int = _key("Minimum connected clients before a round starts (deployment).",
@@ -114,6 +132,11 @@ class RunConfig:
                 raise ConfigError(f"bad value {value!r} for {key!r}; valid values: {valid}")
             if meta["check"] and not meta["check"](value):
                 raise ConfigError(f"bad value {value!r} for {key!r}: {meta['rule']}")
+
+    @property
+    def model_size(self) -> int:
+        """The resolution the model sees."""
+        return self.input_size or self.image_size
 
     def to_flower(self) -> dict[str, Any]:
         """The '-'-keyed dict Flower's run_config holds."""

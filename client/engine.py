@@ -41,8 +41,12 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _inputs(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+def _inputs(images: torch.Tensor, device: torch.device, size: int = 0) -> torch.Tensor:
+    """uint8 on the host -> [-1, 1] floats on the device, resized there when the model wants another size."""
+    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if size and size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, info: TaskInfo) -> torch.Tensor:
@@ -52,10 +56,15 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, info: TaskInfo) -> torch
 
 
 def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
-          weight_decay: float, device: torch.device, seed: int) -> dict[str, float]:
-    """Train the parameters that require grad; returns loss, accuracy, seconds and peak memory."""
+          weight_decay: float, device: torch.device, seed: int, input_size: int = 0,
+          prox_mu: float = 0.0) -> dict[str, float]:
+    """Train the parameters that require grad; returns loss, accuracy, seconds and peak memory.
+
+    ``prox_mu > 0`` adds FedProx's (mu/2)·||w - w_start||², which keeps a client near the global
+    model it started the round from."""
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if prox_mu else []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     if device.type == "cuda":
@@ -66,14 +75,16 @@ def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_s
         # drop a last batch of one: BatchNorm cannot train on it
         batches = [b for b in order.split(batch_size) if len(b) > 1 or len(order) == 1]
         for idx in batches:
-            x, y = _inputs(data.images[idx], device), data.labels[idx].to(device)
+            x, y = _inputs(data.images[idx], device, input_size), data.labels[idx].to(device)
             with _autocast(device):
                 logits = model(x)
-            loss = loss_fn(logits, y, info)
+            task_loss = loss = loss_fn(logits, y, info)
+            if prox_mu:
+                loss = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total_loss += loss.item() * len(idx)
+            total_loss += task_loss.item() * len(idx)
             correct += _num_correct(logits, y, info)
             seen += len(idx)
     return {
@@ -87,12 +98,12 @@ def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_s
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, info: TaskInfo, *, device: torch.device,
-             batch_size: int = 256) -> EvalResult:
+             batch_size: int = 256, input_size: int = 0) -> EvalResult:
     """Loss plus ACC and AUC computed exactly as medmnist's Evaluator computes them."""
     model.to(device).eval()
     scores, total_loss = [], 0.0
     for start in range(0, len(data), batch_size):
-        x = _inputs(data.images[start:start + batch_size], device)
+        x = _inputs(data.images[start:start + batch_size], device, input_size)
         y = data.labels[start:start + batch_size].to(device)
         with _autocast(device):
             logits = model(x).float()

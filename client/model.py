@@ -15,6 +15,7 @@ from torch import nn
 from client.config import RunConfig
 from client.data import TaskInfo
 from peft import PeftConfig, apply_peft
+from peft.lora import matches
 
 
 class WeightsError(RuntimeError):
@@ -27,6 +28,12 @@ def peft_config(cfg: RunConfig) -> PeftConfig:
     targets = [t.strip() for t in cfg.target_modules.split(",") if t.strip()] or None
     return PeftConfig(method=method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=targets, bn_stats=cfg.bn_stats)
+
+
+def is_local(name: str, cfg: RunConfig) -> bool:
+    """Adapter tensors that stay on the client (``local-params``): never sent, never averaged."""
+    patterns = [p.strip() for p in cfg.local_params.split(",") if p.strip()]
+    return bool(patterns) and matches(name, patterns)
 
 
 def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
@@ -66,7 +73,7 @@ def _create(cfg: RunConfig, kwargs: dict) -> nn.Module:
     CNNs take any size and refuse the keyword."""
     torch.manual_seed(cfg.seed)
     try:
-        return timm.create_model(cfg.model, img_size=cfg.image_size, **kwargs)
+        return timm.create_model(cfg.model, img_size=cfg.model_size, **kwargs)
     except TypeError as err:
         if "img_size" not in str(err):
             raise

@@ -38,3 +38,25 @@ def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float]) -> Delta:
                   torch.zeros((), dtype=torch.float64)).to(deltas[0][name].dtype)
         for name in deltas[0]
     }
+
+
+def _stack(deltas: Sequence[Delta], name: str) -> torch.Tensor:
+    return torch.stack([d[name] for d in deltas])
+
+
+@register_aggregator("median")
+def coordinate_median(deltas: Sequence[Delta], weights: Sequence[float]) -> Delta:
+    """Coordinate-wise median (Yin et al. 2018), unweighted: one client's outlier cannot move it.
+    With an even count it takes the mean of the two middle values."""
+    return {name: _stack(deltas, name).quantile(0.5, dim=0) if deltas[0][name].is_floating_point()
+            else deltas[0][name] for name in deltas[0]}
+
+
+@register_aggregator("trimmed-mean")
+def trimmed_mean(deltas: Sequence[Delta], weights: Sequence[float], trim: float = 0.2) -> Delta:
+    """Coordinate-wise mean after dropping the ``trim`` share of largest and smallest values."""
+    cut = int(trim * len(deltas))
+    if len(deltas) - 2 * cut < 1:
+        raise ValueError(f"trimming {cut} of {len(deltas)} values from each side leaves none")
+    return {name: _stack(deltas, name).sort(dim=0).values[cut:len(deltas) - cut].mean(dim=0)
+            for name in deltas[0]}

@@ -16,9 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 from client.config import RunConfig
 from client.data import load_split, task_info
 from client.engine import evaluate, pick_device
-from client.model import build_model
+from client.model import build_model, is_local
 from peft import adapter_state, count_parameters, load_adapter_state, merged_state_dict
 from server.aggregation import AGGREGATORS
+from server.optimizers import ServerOptimizer
 from server.report import RunRecorder, default_run_name, hardware, make_run_dir, versions
 from server.strategy import DeltaFedAvg
 
@@ -39,17 +40,21 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     model = build_model(cfg, info).to(device)
     test = load_split(cfg.dataset, "test", cfg.image_size, cfg.data_root)
     train_labels = load_split(cfg.dataset, "train", cfg.image_size, cfg.data_root).labels
-    initial = {k: v.cpu() for k, v in adapter_state(model).items()}
+    state = {k: v.cpu() for k, v in adapter_state(model).items()}
+    initial = {k: v for k, v in state.items() if not is_local(k, cfg)}
+    local = {k: v for k, v in state.items() if is_local(k, cfg)}  # each client keeps its own; the server its initial
+    server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_beta1, cfg.server_beta2,
+                                 cfg.server_tau)
     strategy = DeltaFedAvg(
-        initial, AGGREGATORS["fedavg"], cfg.server_lr,
+        initial, AGGREGATORS[cfg.aggregation], server_opt,
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min(cfg.min_clients, cfg.num_clients),
     )
     initial_eval: dict[str, float] = {}
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_adapter_state(model, arrays.to_torch_state_dict())
-        result = evaluate(model, test, info, device=device)
+        load_adapter_state(model, {**local, **arrays.to_torch_state_dict()})
+        result = evaluate(model, test, info, device=device, input_size=cfg.input_size)
         metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_auc": result.auc}
         if server_round == 0:
             initial_eval.update(metrics)
@@ -64,10 +69,10 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
                    train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
                    evaluate_fn=central_evaluate)
 
-    load_adapter_state(model, strategy.global_state)
+    load_adapter_state(model, {**local, **strategy.global_state})
     export = recorder.export_model(merged_state_dict(model), {
         "timm_model": cfg.model, "num_classes": str(info.num_classes), "in_chans": str(info.in_chans),
-        "image_size": str(cfg.image_size),
+        "image_size": str(cfg.model_size),
     })
     majority = int(train_labels[:, 0].mode().values)
     trainable, total = count_parameters(model)

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from server.aggregation import Aggregator, Delta
+from server.optimizers import ServerOptimizer
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -57,13 +58,14 @@ def parse_reply(msg: Message, reference: Delta) -> tuple[Delta, float]:
 
 
 class DeltaFedAvg(FedAvg):
-    """Global state += server_lr * aggregate(client deltas), with bad replies dropped."""
+    """Global state += server optimizer step on aggregate(client deltas), with bad replies dropped."""
 
-    def __init__(self, initial_state: Delta, aggregator: Aggregator, server_lr: float = 1.0, **kwargs) -> None:
+    def __init__(self, initial_state: Delta, aggregator: Aggregator, server_opt: ServerOptimizer | None = None,
+                 **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.global_state = initial_state
         self.aggregator = aggregator
-        self.server_lr = server_lr
+        self.server_opt = server_opt or ServerOptimizer()
         self.round_stats: dict[int, dict[str, float]] = {}  # what metrics.jsonl records per round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -98,8 +100,8 @@ class DeltaFedAvg(FedAvg):
         if not good:
             log.warning("round %d: no usable replies; the global state is unchanged", server_round)
             return None, None
-        mean = self.aggregator([d for _, d, _ in good], [w for _, _, w in good])
-        self.global_state = {k: (v + self.server_lr * mean[k]).to(v.dtype) for k, v in self.global_state.items()}
+        step = self.server_opt.step(self.aggregator([d for _, d, _ in good], [w for _, _, w in good]))
+        self.global_state = {k: (v + step[k]).to(v.dtype) for k, v in self.global_state.items()}
         metrics = self.train_metrics_aggr_fn([m.content for m, _, _ in good], WEIGHT_KEY)
         stats["train_loss"] = float(metrics.get("train_loss", math.nan))
         return ArrayRecord(self.global_state), metrics

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.aggregation import AGGREGATORS, weighted_mean
+from server.optimizers import ServerOptimizer
 from server.strategy import DeltaFedAvg, payload_bytes
 
 
@@ -58,7 +59,7 @@ def test_weighted_mean_matches_hand_computation():
 
 def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
     global_state = _state(0)
-    strategy = DeltaFedAvg({k: v.clone() for k, v in global_state.items()}, weighted_mean, server_lr=0.5,
+    strategy = DeltaFedAvg({k: v.clone() for k, v in global_state.items()}, weighted_mean, ServerOptimizer(lr=0.5),
                            min_available_nodes=1, min_train_nodes=1)
     instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(
         1, ArrayRecord(global_state), ConfigRecord({}), FakeGrid([11, 12, 13, 14, 15, 16, 17]))}

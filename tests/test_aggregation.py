@@ -1,0 +1,105 @@
+"""Aggregation rules, server optimizers, FedProx and local (personal) parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.config import AGGREGATION_CHOICES, RunConfig
+from client.data import load_split, task_info
+from client.engine import pick_device, train
+from client.model import build_model, is_local
+from peft import adapter_state
+from server.aggregation import AGGREGATORS
+from server.optimizers import ServerOptimizer
+from server.strategy import payload_bytes
+from tests.test_server import task_identity  # noqa: F401  (messages need a task identity)
+
+
+def _deltas(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"a": torch.randn(3, 4, generator=g) * 0.01, "b": torch.randn(5, generator=g) * 0.01} for _ in range(n)]
+
+
+def test_every_configurable_rule_is_registered():
+    assert set(AGGREGATION_CHOICES) == set(AGGREGATORS)
+
+
+def test_robust_rules_survive_a_client_scaled_by_1e6():
+    honest = _deltas(5)
+    attacked = honest[:4] + [{k: v * 1e6 for k, v in honest[4].items()}]
+    weights = [100.0] * 5
+    for rule in ("median", "trimmed-mean"):
+        clean, hit = AGGREGATORS[rule](honest, weights), AGGREGATORS[rule](attacked, weights)
+        assert all(hit[k].abs().max() < 0.05 for k in hit), rule  # stays at the honest clients' scale
+        assert all((hit[k] - clean[k]).abs().max() < 0.05 for k in hit), rule
+    fedavg = AGGREGATORS["fedavg"](attacked, weights)
+    assert max(v.abs().max() for v in fedavg.values()) > 100  # the mean follows the attacker
+
+
+def test_median_and_trimmed_mean_by_hand():
+    deltas = [{"x": torch.tensor([v])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    assert AGGREGATORS["median"](deltas, [1] * 5)["x"].item() == 3.0
+    assert AGGREGATORS["trimmed-mean"](deltas, [1] * 5)["x"].item() == pytest.approx(3.0)  # drops 1 and 100
+
+
+def test_server_optimizers_follow_their_update_rules():
+    d1, d2 = {"w": torch.tensor([0.5, -1.0])}, {"w": torch.tensor([0.1, 0.3])}
+    assert torch.equal(ServerOptimizer("sgd", lr=0.5).step(d1)["w"], torch.tensor([0.25, -0.5]))
+
+    momentum = ServerOptimizer("momentum", lr=1.0, beta1=0.9)
+    momentum.step(d1)
+    torch.testing.assert_close(momentum.step(d2)["w"], 0.9 * d1["w"] + d2["w"])
+
+    for rule in ("adam", "yogi"):
+        opt = ServerOptimizer(rule, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+        m = v = torch.zeros(2, dtype=torch.float64)
+        for d in (d1["w"].double(), d2["w"].double()):
+            m = 0.9 * m + 0.1 * d
+            v = 0.99 * v + 0.01 * d * d if rule == "adam" else v - 0.01 * d * d * torch.sign(v - d * d)
+            expected = 0.1 * m / (v.sqrt() + 1e-3)
+            torch.testing.assert_close(opt.step({"w": d.float()})["w"], expected.float())
+
+
+def test_fedprox_keeps_the_client_near_the_global_model(medmnist_root):
+    info = task_info("breastmnist")
+    data = load_split("breastmnist", "train", data_root=str(medmnist_root)).subset(torch.arange(128).numpy())
+    drift = {}
+    for mu in (0.0, 10.0):
+        cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "norm", "data-root": str(medmnist_root)})
+        model = build_model(cfg, info)
+        start = adapter_state(model)
+        train(model, data, info, epochs=2, batch_size=32, lr=0.05, weight_decay=0.0, device=pick_device("cpu"),
+              seed=0, prox_mu=mu)
+        end = adapter_state(model)
+        drift[mu] = sum((end[k] - start[k]).pow(2).sum().item() for k in start if "running" not in k)
+    assert drift[10.0] < 0.8 * drift[0.0]
+
+
+def test_local_params_never_leave_the_client(medmnist_root):
+    """FedPer-style: the head stays home. The reply names and bytes hold only the shared tensors,
+    and the client's own head persists in its context between rounds."""
+    from client.app import LOCAL_KEY, _setup, train_handler
+
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "norm", "local-params": "fc.*", "local-epochs": 1,
+                                  "data-root": str(medmnist_root), "num-clients": 2})
+    model = build_model(cfg, task_info("breastmnist"))
+    state = adapter_state(model)
+    shared = {k: v for k, v in state.items() if not is_local(k, cfg)}
+    assert {"fc.weight", "fc.bias"} <= state.keys() and not {"fc.weight", "fc.bias"} & shared.keys()
+
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    heads = []
+    for server_round in (1, 2):
+        config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
+        instruction = Message(RecordDict({"arrays": ArrayRecord(shared), "config": config}), dst_node_id=7,
+                              message_type="train")
+        reply = train_handler(instruction, context)
+        sent = reply.content["arrays"]
+        assert set(sent.keys()) == set(shared) and payload_bytes(sent) == payload_bytes(ArrayRecord(shared))
+        heads.append(context.state[LOCAL_KEY].to_torch_state_dict()["fc.weight"])
+        _, _, loaded, _ = _setup(instruction, context)  # what the next round starts from
+        assert torch.equal(loaded.fc.weight.detach().cpu(), heads[-1])
+    assert not torch.equal(heads[0], state["fc.weight"]) and not torch.equal(heads[1], heads[0])
