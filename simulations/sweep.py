@@ -1,0 +1,203 @@
+"""Run a grid of federated simulations and turn it into a table and plots.
+
+``python -m simulations.sweep --grid FILE.toml`` or ``--preset NAME`` (files in
+``simulations/presets/``). A grid file holds::
+
+    [base]                      # run-config keys shared by every run
+    num-server-rounds = 5
+    [grid]                      # key = [values]: one axis per key
+    model = ["resnet10t", "efficientnet_b0"]
+    [[axis.split]]              # named axes of whole override tables, for values that go together
+    label = "iid"
+    partition = "iid"
+    [[axis.split]]
+    label = "dir0.1"
+    partition = "dirichlet"
+    dirichlet-alpha = 0.1
+
+Runs are the product of all axes. Every config is checked before the first run starts. Each run
+is a separate ``python -m simulations.run`` process writing ``<out>/runs/<name>/``; a run whose
+summary.json exists is skipped, so an interrupted sweep resumes where it stopped (a half-written
+run directory is kept aside as ``<name>.incomplete-<time>``, never deleted). At the end the sweep
+writes ``results.csv``, ``results.md``, ``accuracy_per_round.png`` and ``accuracy_vs_bytes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from client.config import ConfigError, RunConfig
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "majority_class_accuracy", "trainable_params",
+               "adapter_bytes", "bytes_up_total", "wall_seconds")
+
+
+def expand(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, run-config overrides) of every run of a grid file, in a stable order. A name joins
+    the values of the grid keys and the ``label`` of each axis table, for axes with several entries."""
+    unknown = set(grid) - {"base", "grid", "axis"}
+    if unknown:
+        raise ConfigError(f"unknown grid section(s) {sorted(unknown)}; valid: base, grid, axis")
+    axes = [[(str(value), {key: value}) for value in values] for key, values in grid.get("grid", {}).items()]
+    for axis_name, tables in grid.get("axis", {}).items():
+        axes.append([(t.get("label") or f"{axis_name}{i}", {k: v for k, v in t.items() if k != "label"})
+                     for i, t in enumerate(tables)])
+    runs = []
+    for combo in itertools.product(*axes):
+        name = "_".join(label for (label, _), axis in zip(combo, axes) if len(axis) > 1) or "run"
+        runs.append((re.sub(r"[^A-Za-z0-9=._+-]", "-", name),
+                     {**grid.get("base", {}), **{k: v for _, part in combo for k, v in part.items()}}))
+    return runs
+
+
+def plan(grid: dict[str, Any], out: Path) -> list[tuple[str, RunConfig]]:
+    """(name, config) per run, all validated before anything runs."""
+    planned = []
+    for name, overrides in expand(grid):
+        try:
+            cfg = RunConfig.from_mapping({**overrides, "out": str(out / "runs"), "run-name": name})
+        except ConfigError as err:
+            raise ConfigError(f"grid run {name}: {err}") from None
+        planned.append((name, cfg))
+    names = [n for n, _ in planned]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid runs got the same name; give the axis tables distinct labels")
+    return planned
+
+
+def run_one(name: str, cfg: RunConfig, out: Path) -> bool:
+    """One simulation in its own process (fresh Ray, fresh memory); True if it finished."""
+    run_dir = out / "runs" / name
+    if (run_dir / "summary.json").is_file():
+        print(f"[sweep] {name}: done before, skipped", flush=True)
+        return True
+    if run_dir.exists():
+        run_dir.rename(run_dir.with_name(f"{name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+    config_file = out / "configs" / f"{name}.toml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_flower().items()))
+    log_file = out / "logs" / f"{name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] {name}: running (log: {log_file})", flush=True)
+    with log_file.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "simulations.run", "--config", str(config_file)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith("[fedmeld]"):
+                print(f"[sweep] {name}: {line[10:].rstrip()}", flush=True)
+    if proc.wait() != 0:
+        print(f"[sweep] {name}: FAILED (exit {proc.returncode}); see {log_file}", flush=True)
+        return False
+    return True
+
+
+def collect(planned: list[tuple[str, RunConfig]], out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for name, cfg in planned:
+        run_dir = out / "runs" / name
+        if not (run_dir / "summary.json").is_file():
+            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"run": name, **{k: summary.get(k) for k in RESULT_KEYS},
+                     "weights": cfg.weights or ("pretrained" if cfg.pretrained else f"random init (seed {cfg.seed})"),
+                     "hardware": summary.get("hardware"), "date": summary.get("date"),
+                     "accuracy_per_round": [r["test_accuracy"] for r in rounds],
+                     "bytes_per_round": [r["bytes_up"] + r["bytes_down"] for r in rounds]})
+    return rows
+
+
+def write_reports(rows: list[dict[str, Any]], out: Path, title: str) -> None:
+    columns = ["run", *RESULT_KEYS, "weights", "hardware", "date"]
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {title}", "", "| run | test ACC | test AUC | majority | trainable params | bytes up/client-round "
+             "| bytes up total | wall s | weights |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['final_test_accuracy']:.3f} | {r['final_test_auc']:.3f} | "
+                     f"{r['majority_class_accuracy']:.3f} | {r['trainable_params']:,} | {r['adapter_bytes']:,} | "
+                     f"{r['bytes_up_total']:,} | {r['wall_seconds']:.0f} | {r['weights']} |")
+    if rows:
+        lines += ["", f"Hardware: {rows[0]['hardware']}; dates {min(r['date'] for r in rows)} to "
+                      f"{max(r['date'] for r in rows)}."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plots(rows, out)
+
+
+def _plots(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.plot(range(1, len(r["accuracy_per_round"]) + 1), r["accuracy_per_round"], marker="o", ms=3, label=r["run"])
+    ax.set(xlabel="round", ylabel="test accuracy", title="Test accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_round.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.scatter(r["bytes_up_total"], r["final_test_accuracy"])
+        ax.annotate(r["run"], (r["bytes_up_total"], r["final_test_accuracy"]), fontsize=6)
+    ax.set(xscale="log", xlabel="bytes sent by clients (total)", ylabel="final test accuracy",
+           title="Accuracy against bytes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_bytes.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.sweep", description=__doc__.split("\n\n")[0],
+                                     epilog=f"presets: {', '.join(sorted(p.stem for p in PRESETS.glob('*.toml')))}")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--grid", metavar="FILE.toml", help="grid file (format in this module's docstring)")
+    source.add_argument("--preset", help="a grid file from simulations/presets/, by name")
+    parser.add_argument("--out", help="sweep directory; default runs/sweep-<name>. Re-run with the same --out "
+                                      "to resume.")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                        help="overrides applied to every run (e.g. num-server-rounds=2 for a smoke test)")
+    args = parser.parse_args(argv)
+    path = Path(args.grid) if args.grid else PRESETS / f"{args.preset}.toml"
+    if not path.is_file():
+        parser.error(f"no grid file {path}")
+    from simulations.run import parse_overrides
+
+    grid = tomllib.loads(path.read_text())
+    try:
+        grid["base"] = {**grid.get("base", {}), **parse_overrides(args.set)}
+        out = Path(args.out or f"runs/sweep-{path.stem}").resolve()
+        planned = plan(grid, out)
+    except ConfigError as err:
+        parser.error(str(err))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] {len(planned)} runs into {out}", flush=True)
+    failed = [name for name, cfg in planned if not run_one(name, cfg, out)]
+    write_reports(collect(planned, out), out, f"Sweep {path.stem}")
+    print(f"[sweep] {len(planned) - len(failed)}/{len(planned)} runs finished; tables in {out}", flush=True)
+    print(out)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

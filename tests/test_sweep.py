@@ -1,0 +1,55 @@
+"""The experiment runner: grid expansion, validation up front, reports, and resuming a half-done grid."""
+
+from __future__ import annotations
+
+import csv
+import tomllib
+
+import pytest
+
+from client.config import ConfigError
+from simulations.sweep import PRESETS, expand, main, plan
+
+
+def test_grid_expands_to_the_product_of_its_axes(tmp_path):
+    grid = {"base": {"num-server-rounds": 2}, "grid": {"peft": ["lora", "norm"]},
+            "axis": {"split": [{"label": "iid", "partition": "iid"},
+                               {"label": "skew", "partition": "dirichlet", "dirichlet-alpha": 0.1}]}}
+    runs = dict(expand(grid))
+    assert list(runs) == ["lora_iid", "lora_skew", "norm_iid", "norm_skew"]
+    assert runs["norm_skew"] == {"num-server-rounds": 2, "peft": "norm", "partition": "dirichlet", "dirichlet-alpha": 0.1}
+
+
+def test_a_bad_run_in_the_grid_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"grid run x: bad value 'zipf' for 'partition'"):
+        plan({"grid": {"peft": ["lora"]}, "axis": {"s": [{"label": "x", "partition": "zipf"}, {"label": "y"}]}},
+             tmp_path)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.toml")))
+def test_presets_are_valid(preset, tmp_path):
+    assert len(plan(tomllib.loads((PRESETS / f"{preset}.toml").read_text()), tmp_path)) >= 8
+
+
+def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[base]\ndata-root = "{medmnist_root}"\nmodel = "resnet10t"\nnum-clients = 2\n'
+                    'num-server-rounds = 1\nlocal-epochs = 1\n[grid]\npeft = ["norm", "head"]\n')
+    out = tmp_path / "sweep"
+    assert main(["--grid", str(grid), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["run"] for r in rows] == ["norm", "head"]
+    assert all(0 < float(r["final_test_accuracy"]) <= 1 and r["weights"] == "random init (seed 0)" for r in rows)
+    assert int(rows[0]["trainable_params"]) > int(rows[1]["trainable_params"])  # norm+head > head
+    for name in ("results.md", "accuracy_per_round.png", "accuracy_vs_bytes.png"):
+        assert (out / name).stat().st_size > 0
+
+    (out / "runs" / "head" / "summary.json").unlink()  # as if interrupted mid-run
+    norm_summary = (out / "runs" / "norm" / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(["--grid", str(grid), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "norm: done before, skipped" in printed and "head: running" in printed
+    assert (out / "runs" / "norm" / "summary.json").read_bytes() == norm_summary
+    assert [p.name.split(".")[0] for p in (out / "runs").glob("head.incomplete-*")] == ["head"]  # kept, not deleted
+    assert (out / "runs" / "head" / "summary.json").is_file()
