@@ -138,39 +138,40 @@ class LoRALinear(LoRALayer, nn.Linear):
         # Compute in the autocast dtype, as F.linear would: no float32 copies of x or W.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
         grad = torch.is_grad_enabled()
-        return MergedLoRALinear.apply(x.to(dtype), self.weight.to(dtype), bias, self.lora_A.to(dtype),
-                                      self.lora_B.to(dtype), self.scaling,
+        return MergedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dtype,
                                       grad and self.lora_A.requires_grad, grad and self.lora_B.requires_grad)
 
 
 class MergedLoRALinear(torch.autograd.Function):
     """``y = x (W + s B A)^T + b`` with W and b frozen, in one GEMM as in full fine-tuning.
 
-    With ``h = x (sA)^T`` and ``g = dY (sB)``: dX = dY (W + s B A), dB = dY^T h,
-    dA = g^T x, so backward reads dY twice and x once beyond the dX GEMM, and
-    saves x only when A trains (frozen A: just h, rank x tokens).
+    With ``h = x A^T`` and ``g = dY B``: dX = dY (W + s B A), dB = s dY^T h,
+    dA = s g^T x, so backward reads dY twice and x once beyond the dX GEMM, and
+    saves x only when A trains (frozen A: just h, rank x tokens). Casts to the
+    compute dtype happen inside, not as autograd nodes: in eager mode every node
+    costs CPU time that a small model's step cannot hide.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, grad_A: bool, grad_B: bool) -> Tensor:
-        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ (scaling * lora_A).t() if grad_B else None
-        ctx.save_for_backward(merged, scaling * lora_B if grad_A else None, x2 if grad_A else None, h)
-        ctx.x_shape = x.shape
-        return F.linear(x, merged, bias)
+                scaling: float, dtype: torch.dtype, grad_A: bool, grad_B: bool) -> Tensor:
+        a, b, x_c = lora_A.to(dtype), lora_B.to(dtype), x.to(dtype)
+        merged = torch.addmm(weight.to(dtype), b, a, alpha=scaling)
+        x2 = x_c.reshape(-1, x_c.shape[-1])
+        h = x2 @ a.t() if grad_B else None
+        ctx.save_for_backward(merged, b if grad_A else None, x2 if grad_A else None, h)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.lora_dtype = scaling, x.shape, x.dtype, lora_A.dtype
+        return F.linear(x_c, merged, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        merged, scaled_B, x2, h = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = (dy2 @ merged).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        d_A = (dy2 @ scaled_B).t() @ x2 if x2 is not None else None
-        d_B = dy2.t() @ h if h is not None else None
-        return dx, None, None, d_A, d_B, None, None, None
+        merged, b, x2, h = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(merged.dtype)
+        dx = (dy2 @ merged).view(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        d_A = ((dy2 @ b).t() @ x2).to(ctx.lora_dtype).mul_(ctx.scaling) if x2 is not None else None
+        d_B = (dy2.t() @ h).to(ctx.lora_dtype).mul_(ctx.scaling) if h is not None else None
+        return dx, None, None, d_A, d_B, None, None, None, None
 
 
 class LoRAConv2d(LoRALayer, nn.Conv2d):

@@ -1,0 +1,369 @@
+"""Training speed and memory of each fine-tuning mode, side by side in one process (issue 7).
+
+    python -m simulations.bench --compile --out $OUT/bench.json           # device: full settings
+    python -m simulations.bench --device cpu --models resnet10t --batch 8 --img 32 --steps 3 \\
+        --warmup 1 --repeats 1 --modes full lora head --data-model resnet10t   # CPU smoke run
+
+Every row is one model and one mode: a fresh timm model (random init: speed does not depend on the
+weights), that mode's trainable set, AdamW (fused on CUDA), bf16 autocast, channels_last, and
+synthetic data already on the device, so the figures compare the modes and nothing else. Each
+PEFT mode also trains the classifier head. Ratios against ``full`` are recomputable from the
+rows of one run, taken under the same compile setting.
+
+``hf-peft-lora`` is Hugging Face peft, whose package name clashes with ours: that row runs in a
+subprocess started as a script from this folder with the repository left off sys.path and
+PYTHONPATH, so its ``import peft`` finds theirs. For that reason this module imports nothing from
+the repository at the top level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("full", "hf-peft-lora", "lora", "lora-naive", "lora-frozen-a", "norm", "norm-floor", "head")
+DEFAULT_MODES = ("full", "hf-peft-lora", "lora", "lora-frozen-a", "norm", "norm-floor", "head")
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+Batch = Callable[[], tuple[Tensor, Tensor]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "vit_small_patch16_224", "convnext_tiny"],
+                   help="timm model names, each measured in every mode")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
+                   help="fine-tuning modes; 'full' is the baseline of every ratio; 'lora-naive' is our LoRA "
+                        "with the merged-weight path off (the plain W x + s B(A x))")
+    p.add_argument("--compile", action="store_true", help="also measure every mode under torch.compile "
+                                                          "(hf-peft-lora stays eager)")
+    p.add_argument("--compile-models", nargs="+", metavar="MODEL",
+                   help="limit the compiled rows to these models (default: all of --models)")
+    p.add_argument("--batch", type=int, default=128, help="images per step")
+    p.add_argument("--img", type=int, default=224, help="input size in pixels (square)")
+    p.add_argument("--num-classes", type=int, default=2, help="classifier width of the synthetic rows")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank) for ours and HF peft")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN/cuBLAS choice)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows per row; img/s is their median")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--data-flag", default="breastmnist",
+                   help="MedMNIST dataset of the data-path figure (its 28 px train split, read from "
+                        "--data-root, then $MEDMNIST_ROOT); 'none' skips the figure")
+    p.add_argument("--data-root", default="", help="folder holding <flag>.npz")
+    p.add_argument("--data-model", help="model of the data-path figure (default: the first of --models)")
+    p.add_argument("--data-mode", default="lora", choices=[m for m in MODES if m != "hf-peft-lora"],
+                   help="mode of the data-path figure (eager)")
+    p.add_argument("--profile", nargs="*", default=[], metavar="MODEL:MODE[:compile]",
+                   help="after measuring these rows, write a torch.profiler table of a few steps to "
+                        "<out>.profile.txt")
+    p.add_argument("--out", default="bench.json", help="JSON output path")
+    p.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: JSON job of the HF peft subprocess
+    return p.parse_args(argv)
+
+
+# --- one measurement -----------------------------------------------------------
+
+def synthetic(batch: int, img: int, num_classes: int, device: torch.device) -> Batch:
+    """One fixed random batch, already on the device: measures the model, not a loader."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, img, img, device=device, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(num_classes, (batch,), device=device, generator=gen)
+    return lambda: (x, y)
+
+
+class DeviceSplit:
+    """A uint8 MedMNIST split resident on the device; batches are sampled, augmented and resized there.
+
+    Normalising and flipping happen at the files' 28 px (both commute with bilinear resizing),
+    so the only full-size pass is the resize itself.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch: int, img: int, device: torch.device) -> None:
+        self.images = images.to(device)  # (N, C, 28, 28) uint8
+        self.labels = labels[:, 0].to(device)
+        self.batch, self.img = batch, img
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(len(self.labels), (self.batch,), device=self.images.device)
+        x = self.images[idx].float().mul_(2 / 255).sub_(1)
+        flip = torch.rand(self.batch, 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(flip, x.flip(3), x)
+        x = F.interpolate(x, size=(self.img, self.img), mode="bilinear", align_corners=False)
+        x = x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)  # grey -> RGB
+        return x, self.labels[idx]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: nn.Module, batch_fn: Batch, args: argparse.Namespace, compiled: bool,
+            profile_to: list[str] | None = None) -> dict:
+    """img/s (median of --repeats windows) and peak GiB of training ``model``'s trainable set."""
+    device = torch.device(args.device)
+    model.to(device, memory_format=torch.channels_last).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        x, y = batch_fn()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    windows = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        windows.append(time.perf_counter() - start)
+    if profile_to is not None:
+        profile_to.append(profile_table(step, device))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"img_per_s": round(args.batch * args.steps / statistics.median(windows), 1),
+            "peak_gib": None if peak is None else round(peak, 3),
+            "trainable": sum(p.numel() for p in params)}
+
+
+def profile_table(step: Callable[[], None], device: torch.device) -> str:
+    """The ops that take the time over 3 steps, by device time (CPU time without a GPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
+
+
+def reset_device(device: torch.device) -> None:
+    """Free the last row's model, graphs and cached blocks; restart the peak counter."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# --- modes ---------------------------------------------------------------------
+
+def build_model(name: str, num_classes: int, img: int) -> nn.Module:
+    """Random init; models with a fixed input size (ViT) are built for ``img``, convnets take any."""
+    torch.manual_seed(0)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img)
+    except TypeError:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def prepare(model: nn.Module, mode: str, rank: int) -> nn.Module:
+    """Give ``model`` the trainable set of ``mode`` (ours, or the hand-written norm floor)."""
+    from peft import PeftConfig, apply_peft  # ours: see the module docstring
+    from peft.lora import LoRALinear
+
+    if mode == "norm-floor":  # no fedmeld code: grads for norm affine params and the head only
+        model.requires_grad_(False)
+        for m in model.modules():
+            if isinstance(m, NORM_TYPES):
+                m.requires_grad_(True)
+        model.get_classifier().requires_grad_(True)
+        return model
+    methods = {"full": "full", "lora": "lora+head", "lora-naive": "lora+head", "lora-frozen-a": "lora+head",
+               "norm": "norm+head", "head": "head"}
+    apply_peft(model, PeftConfig(method=methods[mode], lora_rank=rank, lora_alpha=2.0 * rank,
+                                 lora_freeze_a=mode == "lora-frozen-a"))
+    if mode == "lora-naive":
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.fast = False
+    return model
+
+
+def hf_peft_row(model_name: str, args: argparse.Namespace) -> dict:
+    """Run the HF peft row in a subprocess that cannot see our package; its row, or a note why not."""
+    from peft import default_target_modules  # ours: the same layers as our LoRA rows
+
+    targets = default_target_modules(build_model(model_name, args.num_classes, args.img))
+    job = {"model": model_name, "targets": targets, "args": vars(args)}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                        if p and Path(p).resolve() != REPO)
+    proc = subprocess.run([sys.executable, str(Path(__file__)), "--hf-worker", json.dumps(job)], env=env,
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    return json.loads(lines[-1])
+
+
+def hf_worker(job: dict) -> dict:
+    """Inside the subprocess: our repo is off sys.path, so ``peft`` is Hugging Face's."""
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+    try:
+        import peft
+    except ImportError as e:
+        return {"error": f"Hugging Face peft is not importable: {e}"}
+    if Path(peft.__file__).resolve().is_relative_to(REPO) or not hasattr(peft, "LoraConfig"):
+        return {"error": f"'import peft' found {peft.__file__}, not Hugging Face peft"}
+    args = argparse.Namespace(**job["args"])
+    model = build_model(job["model"], args.num_classes, args.img)
+    # A regex matched in full, so "attn.proj" does not also catch ViT's patch_embed.proj.
+    pattern = r".*\.(" + "|".join(t.replace(".", r"\.") for t in job["targets"]) + ")"
+    head = model.pretrained_cfg["classifier"]
+    cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=pattern,
+                          modules_to_save=[head] if isinstance(head, str) else list(head))
+    model = peft.get_peft_model(model, cfg)
+    return {**measure(model, synthetic(args.batch, args.img, args.num_classes, torch.device(args.device)),
+                      args, compiled=False), "hf_peft_version": peft.__version__}
+
+
+# --- the run -------------------------------------------------------------------
+
+def run_rows(args: argparse.Namespace, profiles: dict[str, str]) -> list[dict]:
+    device = torch.device(args.device)
+    compile_models = set(args.compile_models or args.models)
+    rows = []
+    for model_name in args.models:
+        settings = [False] + ([True] if args.compile and model_name in compile_models else [])
+        for compiled in settings:
+            for mode in args.modes:
+                if mode == "hf-peft-lora" and compiled:
+                    continue
+                reset_device(device)
+                row = {"model": model_name, "mode": mode, "compile": compiled}
+                tag = f"{model_name}:{mode}" + (":compile" if compiled else "")
+                table: list[str] | None = [] if tag in args.profile else None
+                try:
+                    if mode == "hf-peft-lora":
+                        row.update(hf_peft_row(model_name, args))
+                    else:
+                        model = prepare(build_model(model_name, args.num_classes, args.img), mode, args.rank)
+                        batch_fn = synthetic(args.batch, args.img, args.num_classes, device)
+                        row.update(measure(model, batch_fn, args, compiled, table))
+                        del model, batch_fn
+                except Exception as e:  # one failing row (OOM, compile error) must not lose the run
+                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+                if table:
+                    profiles[tag] = table[0]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def data_path(args: argparse.Namespace) -> dict | None:
+    """Synthetic vs MedMNIST-on-device img/s of one model and mode (eager), back to back."""
+    if args.data_flag == "none":
+        return None
+    from client.data import load_split, task_info  # repo code: only the main process gets here
+
+    device = torch.device(args.device)
+    split = load_split(args.data_flag, "train", size=28, data_root=args.data_root)
+    num_classes = task_info(args.data_flag).num_classes
+    model_name = args.data_model or args.models[0]
+    sources = {"synthetic": synthetic(args.batch, args.img, num_classes, device),
+               "medmnist": DeviceSplit(split.images, split.labels, args.batch, args.img, device)}
+    result: dict = {"model": model_name, "mode": args.data_mode, "compile": False, "flag": args.data_flag,
+                    "images": len(split), "source_px": tuple(split.images.shape[-2:]),
+                    "augment": "random horizontal flip, bilinear resize on the device"}
+    for source, batch_fn in sources.items():
+        reset_device(device)
+        model = prepare(build_model(model_name, num_classes, args.img), args.data_mode, args.rank)
+        result[f"{source}_img_per_s"] = measure(model, batch_fn, args, compiled=False)["img_per_s"]
+        del model
+    result["ratio"] = round(result["medmnist_img_per_s"] / result["synthetic_img_per_s"], 3)
+    return result
+
+
+def environment(args: argparse.Namespace, rows: list[dict]) -> tuple[str, dict]:
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    versions["hf_peft"] = next((r["hf_peft_version"] for r in rows if "hf_peft_version" in r), None)
+    return hardware, versions
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """Rows with img/s and peak memory relative to ``full`` of the same model and compile setting."""
+    full = {(r["model"], r["compile"]): r for r in rows if r["mode"] == "full" and "img_per_s" in r}
+    lines = [f"{'model':<24} {'mode':<14} {'compile':<7} {'img/s':>9} {'x full':>7} {'peak GiB':>9} "
+             f"{'x full':>7} {'trainable':>11}"]
+    for r in rows:
+        if "img_per_s" not in r:
+            lines.append(f"{r['model']:<24} {r['mode']:<14} {str(r['compile']):<7} {r['error']}")
+            continue
+        base = full.get((r["model"], r["compile"]))
+        speed = f"{r['img_per_s'] / base['img_per_s']:.2f}" if base else "-"
+        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and r["peak_gib"] and base["peak_gib"] else "-"
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        lines.append(f"{r['model']:<24} {r['mode']:<14} {str(r['compile']):<7} {r['img_per_s']:>9.1f} "
+                     f"{speed:>7} {peak:>9} {mem:>7} {r['trainable']:>11,}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.hf_worker:
+        print(json.dumps(hf_worker(json.loads(args.hf_worker))))
+        return {}
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    profiles: dict[str, str] = {}
+    rows = run_rows(args, profiles)
+    data = data_path(args)
+    hardware, versions = environment(args, rows)
+    result = {
+        "hardware": hardware, "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: getattr(args, k) for k in ("batch", "img", "num_classes", "rank", "warmup", "steps",
+                                                   "repeats", "device")}
+                    | {"autocast": "bfloat16", "optimizer": "AdamW (fused on CUDA)", "memory_format": "channels_last",
+                       "data": "synthetic, on the device"},
+        "rows": rows,
+        "data_path": data,
+        "federation": None,
+        "federation_note": "not measured by this run: needs Flower on the GPU machine (simulation and "
+                           "deployment runtimes); see issue 7",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if profiles:
+        out.with_suffix(".profile.txt").write_text("".join(f"== {tag}\n{table}\n\n" for tag, table in profiles.items()))
+    print(ratio_table(rows))
+    if data:
+        print(f"data path ({data['model']}, {data['mode']}, {data['flag']}): {data['medmnist_img_per_s']} vs "
+              f"{data['synthetic_img_per_s']} img/s synthetic = {data['ratio']}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()
