@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from client.config import ConfigError, RunConfig
 from client.data import Split, TaskInfo, load_split, task_info
 from client.engine import evaluate, pick_device, train
-from client.model import build_model, is_local
+from client.model import build_model, is_local, make_optimizer
 from client.partition import partition, train_val_split
 from peft import adapter_state, load_adapter_state
 
@@ -41,7 +41,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                   weight_decay=cfg.weight_decay, device=pick_device(cfg.device), input_size=cfg.input_size,
-                  seed=cfg.seed * 100_003 + server_round * 1_009 + _partition_id(context), prox_mu=cfg.proximal_mu)
+                  seed=cfg.seed * 100_003 + server_round * 1_009 + _partition_id(context), prox_mu=cfg.proximal_mu,
+                  optimizer=make_optimizer(model, cfg))
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     if cfg.local_params:
         context.state[LOCAL_KEY] = ArrayRecord({k: v for k, v in state.items() if is_local(k, cfg)})

@@ -21,8 +21,17 @@ MEDMNIST_2D = (
     "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
 )
-AGGREGATION_CHOICES = ("fedavg", "median", "trimmed-mean")
-PEFT_CHOICES = ("lora", "norm", "lora+norm", "head", "full", "lte")
+AGGREGATION_CHOICES = ("fedavg", "median", "trimmed-mean", "ffa")
+PEFT_PARTS = ("lora", "dora", "vera", "bitfit", "norm")  # combinable with '+', at most one of lora/dora/vera
+PEFT_ALONE = ("head", "full", "lte")
+
+
+def _valid_peft(value: str) -> bool:
+    parts = value.split("+")
+    if len(parts) == 1 and value in PEFT_ALONE:
+        return True
+    return (len(set(parts)) == len(parts) and set(parts) <= set(PEFT_PARTS)
+            and sum(p in ("lora", "dora", "vera") for p in parts) <= 1)
 
 
 class ConfigError(ValueError):
@@ -67,11 +76,22 @@ class RunConfig:
     batch_size: int = _key("Local mini-batch size.", check=_positive[0], rule=_positive[1])
     lr: float = _key("Client AdamW learning rate.", check=_positive[0], rule=_positive[1])
     weight_decay: float = _key("Client AdamW weight decay.", check=_non_negative[0], rule=_non_negative[1])
-    peft: str = _key("What trains: LoRA, norm gamma/beta, both, the head only, everything, or LTE (parallel "
-                     "LoRA heads merged into the backbone). The classifier head (resized to the dataset) "
-                     "always trains.", PEFT_CHOICES)
+    peft: str = _key("What trains: '+'-joined parts of lora, dora, vera, bitfit, norm (at most one of "
+                     "lora/dora/vera; e.g. lora+norm), or head (classifier only), full (everything), lte "
+                     "(parallel LoRA heads merged into the backbone). The classifier head (resized to the "
+                     "dataset) always trains.", check=_valid_peft,
+                     rule=f"must be '+'-joined parts of {', '.join(PEFT_PARTS)} (at most one of lora/dora/vera), "
+                          f"or one of {', '.join(PEFT_ALONE)}")
     lora_rank: int = _key("LoRA rank r.", check=_positive[0], rule=_positive[1])
     lora_alpha: float = _key("LoRA alpha; the update is scaled by alpha/r.", check=_positive[0], rule=_positive[1])
+    vera_rank: int = _key("VeRA: rank of the frozen random matrices shared across layers (regenerated from "
+                          "seed, never sent).", check=_positive[0], rule=_positive[1])
+    optimizer: str = _key("Client optimizer: adamw, or galore-adamw (GaLore: gradients of weight matrices "
+                          "projected to galore-rank; usually with peft=full).", ("adamw", "galore-adamw"))
+    galore_rank: int = _key("GaLore projection rank.", check=_positive[0], rule=_positive[1])
+    galore_update_gap: int = _key("GaLore: optimizer steps between refreshes of the projection.",
+                                  check=_positive[0], rule=_positive[1])
+    galore_scale: float = _key("GaLore: scale of the projected-back update.", check=_positive[0], rule=_positive[1])
     lora_dropout: float = _key("Dropout on the LoRA side path.", check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
     target_modules: str = _key("Comma-separated LoRA target patterns (module names, suffixes or globs); "
                                "empty: the model family's defaults.")
@@ -85,7 +105,8 @@ class RunConfig:
     bn_stats: str = _key("BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
                          ("aggregate", "frozen"))
     aggregation: str = _key("How client deltas combine: example-weighted mean (for LoRA: of A and B separately, "
-                            "not of B·A), coordinate-wise median, or 20% trimmed mean.", AGGREGATION_CHOICES)
+                            "not of B·A), coordinate-wise median, 20% trimmed mean, or ffa (frozen-A LoRA: A regenerated from "
+                            "seed on every node, only B trains and travels, so the mean is exact).", AGGREGATION_CHOICES)
     server_optimizer: str = _key("Server step on the aggregated delta: sgd (lr 1 = FedAvg), momentum (FedAvgM), "
                                  "adam (FedAdam), yogi (FedYogi).", ("sgd", "momentum", "adam", "yogi"))
     server_lr: float = _key("Server learning rate on the aggregated delta (1.0 with sgd = FedAvg).",

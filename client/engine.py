@@ -57,15 +57,16 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, info: TaskInfo) -> torch
 
 def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
           weight_decay: float, device: torch.device, seed: int, input_size: int = 0,
-          prox_mu: float = 0.0) -> dict[str, float]:
-    """Train the parameters that require grad; returns loss, accuracy, seconds and peak memory.
+          prox_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    """Train the parameters that require grad (with ``optimizer``, default AdamW); returns loss,
+    accuracy, seconds and peak memory.
 
     ``prox_mu > 0`` adds FedProx's (mu/2)·||w - w_start||², which keeps a client near the global
     model it started the round from."""
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if prox_mu else []
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

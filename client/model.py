@@ -14,7 +14,7 @@ from torch import nn
 
 from client.config import RunConfig
 from client.data import TaskInfo
-from peft import PeftConfig, apply_peft
+from peft import GaLoreAdamW, PeftConfig, apply_peft, galore_param_groups
 from peft.lora import matches
 
 
@@ -27,7 +27,8 @@ def peft_config(cfg: RunConfig) -> PeftConfig:
     method = cfg.peft if cfg.peft in ("full", "head") else f"{cfg.peft}+head"
     targets = [t.strip() for t in cfg.target_modules.split(",") if t.strip()] or None
     return PeftConfig(method=method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=targets, bn_stats=cfg.bn_stats)
+                      lora_dropout=cfg.lora_dropout, lora_freeze_a=cfg.aggregation == "ffa", lora_seed=cfg.seed,
+                      vera_rank=cfg.vera_rank, vera_seed=cfg.seed, target_modules=targets, bn_stats=cfg.bn_stats)
 
 
 def is_local(name: str, cfg: RunConfig) -> bool:
@@ -66,6 +67,15 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
 def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     """The backbone with the run's adapters applied and everything else frozen."""
     return apply_peft(create_backbone(cfg, info), peft_config(cfg))
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The client optimizer over what trains; made afresh each round, as clients hold no state."""
+    if cfg.optimizer == "galore-adamw":
+        groups = galore_param_groups(model, cfg.galore_rank, cfg.galore_update_gap, cfg.galore_scale)
+        return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
 
 
 def _create(cfg: RunConfig, kwargs: dict) -> nn.Module:

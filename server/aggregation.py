@@ -25,6 +25,7 @@ def register_aggregator(name: str) -> Callable[[Aggregator], Aggregator]:
 
 
 @register_aggregator("fedavg")
+@register_aggregator("ffa")  # frozen-A LoRA: A never travels, so the mean of the B deltas is exact
 def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float]) -> Delta:
     """Example-weighted mean per tensor. For LoRA this averages A and B separately, which is
     not the mean of the clients' B·A products (exact rules arrive with their own modules)."""

@@ -103,3 +103,45 @@ def test_local_params_never_leave_the_client(medmnist_root):
         _, _, loaded, _ = _setup(instruction, context)  # what the next round starts from
         assert torch.equal(loaded.fc.weight.detach().cpu(), heads[-1])
     assert not torch.equal(heads[0], state["fc.weight"]) and not torch.equal(heads[1], heads[0])
+
+
+def test_ffa_sends_only_b_and_its_mean_is_exact(medmnist_root):
+    """Frozen-A LoRA: A is regenerated from the seed on every node, so only B travels, and the mean
+    of the clients' B deltas gives exactly the mean of their s·B·A updates."""
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "lora", "aggregation": "ffa"})
+    plain = RunConfig.from_mapping({"model": "resnet10t", "peft": "lora"})
+    info = task_info("breastmnist")
+    a, b = build_model(cfg, info), build_model(cfg, info)
+    sent = adapter_state(a)
+    assert not [k for k in sent if k.endswith("lora_A")] and [k for k in sent if k.endswith("lora_B")]
+    assert payload_bytes(ArrayRecord(sent)) < 0.6 * payload_bytes(ArrayRecord(adapter_state(build_model(plain, info))))
+    layer_a, layer_b = a.layer1[0].conv1, b.layer1[0].conv1
+    assert torch.equal(layer_a.lora_A, layer_b.lora_A)  # same A on every node, never sent
+    deltas = [{"B": torch.randn_like(layer_a.lora_B)} for _ in range(3)]
+    mean_b = AGGREGATORS["ffa"](deltas, [1.0, 2.0, 3.0])["B"]
+    per_client = [layer_a.scaling * (d["B"] @ layer_a.lora_A.flatten(1)) for d in deltas]
+    exact = (1 * per_client[0] + 2 * per_client[1] + 3 * per_client[2]) / 6
+    torch.testing.assert_close(layer_a.scaling * (mean_b @ layer_a.lora_A.flatten(1)), exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft", ["vera+norm", "dora", "bitfit+norm"])
+def test_adapters_are_selectable_from_the_run_config(peft):
+    cfg = RunConfig.from_mapping({"model": "vit_tiny_patch16_224", "peft": peft})
+    model = build_model(cfg, task_info("breastmnist"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable and len(trainable) > 2
+
+
+def test_peft_combinations_are_checked():
+    with pytest.raises(Exception, match=r"at most one of lora/dora/vera"):
+        RunConfig.from_mapping({"peft": "lora+dora"})
+
+
+def test_galore_optimizer_from_the_run_config():
+    from client.model import make_optimizer
+    from peft import GaLoreAdamW
+
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "full", "optimizer": "galore-adamw", "galore-rank": 4})
+    opt = make_optimizer(build_model(cfg, task_info("breastmnist")), cfg)
+    assert isinstance(opt, GaLoreAdamW) and opt.param_groups[0]["rank"] == 4
+

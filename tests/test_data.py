@@ -111,7 +111,7 @@ def test_config_defaults_cover_every_key_and_round_trip():
 
 @pytest.mark.parametrize("overrides, match", [
     ({"nmu-clients": 3}, r"unknown run-config key 'nmu-clients'; valid keys: dataset, "),
-    ({"peft": "lore"}, r"bad value 'lore' for 'peft'; valid values: lora, norm, lora\+norm, head, full"),
+    ({"peft": "lore"}, r"bad value 'lore' for 'peft': must be '\+'-joined parts of lora, dora, vera, bitfit, norm"),
     ({"partition": "zipf"}, r"valid values: iid, dirichlet"),
     ({"num-clients": 0}, r"'num-clients': must be > 0"),
     ({"lr": "fast"}, r"'lr': expected float"),
