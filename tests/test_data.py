@@ -138,3 +138,10 @@ def test_cli_refuses_bad_key_before_running(capsys):
         main(["lora-rnak=4"])
     assert exit_.value.code == 2
     assert "unknown run-config key 'lora-rnak'" in capsys.readouterr().err
+
+
+def test_readme_documents_every_run_config_key():
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    assert [k for k in defaults() if f"`{k}`" not in readme] == []
