@@ -28,6 +28,7 @@ import argparse
 import csv
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def run_one(name: str, cfg: RunConfig, out: Path) -> bool:
     with log_file.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "simulations.run", "--config", str(config_file)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=Path(__file__).resolve().parent.parent)
+                                cwd=Path(__file__).resolve().parent.parent,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
         for line in proc.stdout:
             log.write(line)
             if line.startswith("[fedmeld]"):
