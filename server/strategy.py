@@ -57,6 +57,19 @@ def parse_reply(msg: Message, reference: Delta) -> tuple[Delta, float]:
     return delta, float(weight)
 
 
+def _client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
+    """Per-client training speed and memory, for overhead and scaling studies (the weighted
+    means Flower aggregates would hide the slowest client)."""
+    if not all({"train_seconds", "samples_seen"} <= m.keys() for m in metrics):
+        return {}
+    return {
+        "slowest_client_train_seconds": max(float(m["train_seconds"]) for m in metrics),
+        "client_img_per_s": sum(float(m["samples_seen"]) / max(float(m["train_seconds"]), 1e-9)
+                                for m in metrics) / len(metrics),
+        "client_peak_memory_mb": max(float(m.get("peak_memory_mb", 0.0)) for m in metrics),
+    }
+
+
 class DeltaFedAvg(FedAvg):
     """Global state += server optimizer step on aggregate(client deltas), with bad replies dropped."""
 
@@ -104,6 +117,7 @@ class DeltaFedAvg(FedAvg):
         self.global_state = {k: (v + step[k]).to(v.dtype) for k, v in self.global_state.items()}
         metrics = self.train_metrics_aggr_fn([m.content for m, _, _ in good], WEIGHT_KEY)
         stats["train_loss"] = float(metrics.get("train_loss", math.nan))
+        stats.update(_client_speed([m.content["metrics"] for m, _, _ in good]))
         return ArrayRecord(self.global_state), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -38,6 +38,7 @@ def test_default_federation_learns(default_run):
         assert set(ROUND_KEYS) <= record.keys()
         assert record["num_clients_ok"] == cfg.num_clients and record["num_clients_failed"] == 0
         assert record["bytes_up"] > 0 and record["bytes_down"] > record["bytes_up"]
+        assert 0 < record["slowest_client_train_seconds"] < record["round_seconds"] and record["client_img_per_s"] > 0
     assert set(SUMMARY_KEYS) <= summary.keys()
     assert summary["majority_class_accuracy"] == pytest.approx(114 / 156)
     assert summary["final_test_accuracy"] > rounds[0]["test_accuracy"]
