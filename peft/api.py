@@ -14,6 +14,9 @@ from .config import PeftConfig
 from .lora import LoRALayer
 from .norm import bn_stats, freeze_bn_stats
 from .registry import ADAPTERS
+from .reparam import ReparamLayer
+
+MERGEABLE = (LoRALayer, ReparamLayer)  # layers with delta_weight/merge/unmerge: LoRA, DoRA, VeRA
 
 
 def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
@@ -83,22 +86,22 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold every LoRA delta into its base weight (no-op for merged layers)."""
+    """Fold every LoRA/DoRA/VeRA delta into its base weight (no-op for merged layers)."""
     for module in model.modules():
-        if isinstance(module, LoRALayer):
+        if isinstance(module, MERGEABLE):
             module.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
     """Undo ``merge_adapters``."""
     for module in model.modules():
-        if isinstance(module, LoRALayer):
+        if isinstance(module, MERGEABLE):
             module.unmerge()
 
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """State dict of the equivalent plain model: LoRA folded in, ``lora_*`` keys dropped.
+    """State dict of the equivalent plain model: adapters folded in, their own keys dropped.
 
     Computed without touching the model, so no merge/unmerge rounding drift.
     It loads strictly into the un-adapted architecture (same timm name and
@@ -106,9 +109,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     state = model.state_dict()
     for name, module in model.named_modules():
-        if isinstance(module, LoRALayer):
+        if isinstance(module, MERGEABLE):
             prefix = f"{name}." if name else ""
-            del state[prefix + "lora_A"], state[prefix + "lora_B"]
+            own = [k for k, _ in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))]
+            for key in set(own) - {"weight", "bias"}:
+                state.pop(prefix + key, None)  # non-persistent buffers (VeRA's A, B) are not in it
             if not module.merged:
                 state[prefix + "weight"] = module.weight + module.delta_weight()
     return state

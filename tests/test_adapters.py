@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from peft import (DoRAConv2d, DoRALinear, GaLoreAdamW, PeftConfig, VeRAConv2d, VeRALinear, adapter_state,
-                  apply_peft, count_parameters, galore_param_groups, load_adapter_state)
+                  apply_peft, count_parameters, galore_param_groups, load_adapter_state, merge_adapters,
+                  merged_state_dict, unmerge_adapters)
 from peft.norm import NORM_TYPES
 from peft.reparam import ReparamLayer
 from peft.vera import D_INIT, shared_matrices
@@ -143,11 +144,14 @@ def test_model_starts_as_base_and_merges_exactly(method, family):
     randomize_trainables(model)
     y = model(x).detach()
     assert not torch.allclose(y, y_base, atol=1e-3)
-    for layer in reparam_layers(model):
-        layer.merge()
+    plain = build(family, seed=1)
+    plain.load_state_dict(merged_state_dict(model))  # strict: no adapter keys left
+    torch.testing.assert_close(plain(x).detach(), y, **TOL)
+
+    merge_adapters(model)
+    assert all(layer.merged for layer in reparam_layers(model))
     torch.testing.assert_close(model(x).detach(), y, **TOL)
-    for layer in reparam_layers(model):
-        layer.unmerge()
+    unmerge_adapters(model)
     for layer_name, layer in model.named_modules():
         if isinstance(layer, ReparamLayer):
             torch.testing.assert_close(layer.weight.detach(), weights[f"{layer_name}.weight"], **TOL)
