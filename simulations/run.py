@@ -49,8 +49,9 @@ def load_config(config_file: str | None, pairs: list[str]) -> RunConfig:
                                    "run-name": run_name})
 
 
-def simulate(cfg: RunConfig) -> Path:
-    """Run the apps under Flower's simulation runtime in this process; return the run directory."""
+def simulate(cfg: RunConfig, backend: str = "ray") -> Path:
+    """Run the apps under Flower's simulation runtime (``ray``) or the in-process Grid; return the
+    run directory."""
     import torch
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -60,6 +61,8 @@ def simulate(cfg: RunConfig) -> Path:
     from server.app import federate
 
     run_dir = run_dir_path(cfg.out, cfg.run_name)  # refuse a used directory before starting anything
+    if backend == "inprocess":
+        return _simulate_inprocess(cfg)
 
     # run_simulation() hands the ServerApp an empty run config, so this one closes over ours;
     # clients receive it with every instruction, exactly as under `flwr run`.
@@ -83,6 +86,19 @@ def simulate(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def _simulate_inprocess(cfg: RunConfig) -> Path:
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import app as client_app
+    from server.app import federate
+    from simulations.inprocess import InProcessGrid
+
+    # Messages take their run and sender from the task identity the runtime would set.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    return federate(InProcessGrid(client_app, cfg.num_clients), cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.run", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -92,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a flat table of run-config keys")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
+    parser.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                        help="ray: Flower's simulation runtime (default); inprocess: every client in this "
+                             "process, one after another, no Ray (GPU boxes without Ray, quick runs)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
-    run_dir = simulate(cfg)
+    run_dir = simulate(cfg, args.backend)
     print(run_dir)
     return 0
 

@@ -77,7 +77,7 @@ def plan(grid: dict[str, Any], out: Path) -> list[tuple[str, RunConfig]]:
     return planned
 
 
-def run_one(name: str, cfg: RunConfig, out: Path) -> bool:
+def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray") -> bool:
     """One simulation in its own process (fresh Ray, fresh memory); True if it finished."""
     run_dir = out / "runs" / name
     if (run_dir / "summary.json").is_file():
@@ -92,7 +92,8 @@ def run_one(name: str, cfg: RunConfig, out: Path) -> bool:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {name}: running (log: {log_file})", flush=True)
     with log_file.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "simulations.run", "--config", str(config_file)],
+        proc = subprocess.Popen([sys.executable, "-m", "simulations.run", "--config", str(config_file),
+                                 "--backend", backend],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=Path(__file__).resolve().parent.parent,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--preset", help="a grid file from simulations/presets/, by name")
     parser.add_argument("--out", help="sweep directory; default runs/sweep-<name>. Re-run with the same --out "
                                       "to resume.")
+    parser.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                        help="simulation backend of every run (see python -m simulations.run --help)")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="overrides applied to every run (e.g. num-server-rounds=2 for a smoke test)")
     args = parser.parse_args(argv)
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     out.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {len(planned)} runs into {out}", flush=True)
-    failed = [name for name, cfg in planned if not run_one(name, cfg, out)]
+    failed = [name for name, cfg in planned if not run_one(name, cfg, out, args.backend)]
     write_reports(collect(planned, out), out, f"Sweep {path.stem}")
     print(f"[sweep] {len(planned) - len(failed)}/{len(planned)} runs finished; tables in {out}", flush=True)
     print(out)

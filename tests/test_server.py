@@ -95,3 +95,28 @@ def test_round_with_no_usable_reply_keeps_the_global_state():
     [instruction] = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord({}), FakeGrid([3]))
     assert strategy.aggregate_train(1, [_reply(instruction, None, 0)]) == (None, None)
     assert all(torch.equal(strategy.global_state[k], v) for k, v in global_state.items())
+
+
+def test_a_failing_client_does_not_stop_the_federation():
+    """Flower's own strategy loop over the in-process Grid: one client raises every round, the others
+    send deltas; each round completes with the failure counted and the rest aggregated."""
+    from flwr.clientapp import ClientApp
+
+    from simulations.inprocess import InProcessGrid
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if context.node_config["partition-id"] == 0:
+            raise RuntimeError("disk full")
+        delta = {k: torch.ones_like(v) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        return Message(RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=msg)
+
+    start = _state(0)
+    strategy = DeltaFedAvg(dict(start), weighted_mean, fraction_evaluate=0.0, min_available_nodes=3)
+    result = strategy.start(InProcessGrid(app, 3), ArrayRecord(start), num_rounds=2)
+    for name, value in result.arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(value, start[name] + 2)  # two rounds of +1 from the healthy clients
+    assert [(s["num_clients_ok"], s["num_clients_failed"]) for s in strategy.round_stats.values()] == [(2, 1), (2, 1)]
