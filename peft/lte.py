@@ -104,12 +104,12 @@ class MultiLoRALayer:
     def _head_factors(self) -> Factors:
         """The heads stacked along the rank: (s/H)·[B_1 .. B_H] and [A_1; ..; A_H]."""
         b = self.lora_B.detach().permute(1, 0, 2).reshape(self.weight.shape[0], -1)
-        return b * (self.scaling / self.heads), self.lora_A.detach().flatten(0, 1)
+        return b * (self.scaling / self.heads), self.lora_A.detach().flatten(0, 1).clone()
 
     def factors_since_reset(self) -> Factors:
         """Low-rank factors of everything the heads changed since ``reset_heads``, merged or not."""
         parts = [*self.ledger, self._head_factors()]
-        return torch.cat([b for b, _ in parts], 1).clone(), torch.cat([a for _, a in parts], 0).clone()
+        return torch.cat([b for b, _ in parts], 1), torch.cat([a for _, a in parts], 0)
 
     def _check_batch(self, x: Tensor) -> None:
         if x.shape[0] % self.heads:

@@ -1,0 +1,157 @@
+"""LTE: batched heads, exact merges, replicas in sync through low-rank updates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from client.config import RunConfig
+from client.data import load_split, task_info
+from client.lte import Replica, base_state, build_lte_model, client_round, replica_state, snapshot, sync
+from peft.lora import LoRAConv2d, LoRALinear
+from peft.lte import inject_lte
+from server.lte import LTEServer, nbytes
+
+CPU = torch.device("cpu")
+
+
+def _perturb(layer, seed: int) -> None:
+    """Random A and B, as after some training (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+
+
+def _layers(heads: int, rank: int = 3) -> list[tuple[nn.Sequential, torch.Tensor, nn.Module]]:
+    """A wrapped Linear and Conv2d, an input for each, and a plain copy of each base layer."""
+    torch.manual_seed(0)
+    cases = [(nn.Linear(12, 7), torch.randn(heads * 2, 4, 12)),
+             (nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.randn(heads * 2, 3, 9, 9))]
+    out = []
+    for layer, x in cases:
+        plain = copy.deepcopy(layer)
+        seq = nn.Sequential(layer)
+        inject_lte(seq, heads, rank, 6.0)
+        out.append((seq, x, plain))
+    return out
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_batched_heads_equal_separate_lora_forwards(heads):
+    for seq, x, plain in _layers(heads):
+        layer = seq[0]
+        _perturb(layer, 1)
+        y = seq.train()(x)
+        for h, xh in enumerate(x.chunk(heads)):
+            lora_cls = LoRALinear if isinstance(plain, nn.Linear) else LoRAConv2d
+            single = lora_cls.from_module(copy.deepcopy(plain), layer.rank, layer.lora_alpha)
+            with torch.no_grad():
+                single.lora_A.copy_(layer.lora_A[h])
+                single.lora_B.copy_(layer.lora_B[h])
+            torch.testing.assert_close(y[h * len(xh):(h + 1) * len(xh)], single(xh), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_not_divisible_by_heads_is_refused():
+    seq, x, _ = _layers(4)[0]
+    with pytest.raises(ValueError, match="divisible by lte-heads"):
+        seq.train()(x[:5])
+
+
+def test_resetless_merge_is_exact_and_telescopes():
+    for seq, x, _ in _layers(3):
+        layer = seq[0]
+        w0 = layer.weight.detach().clone()
+        _perturb(layer, 2)
+        expected = w0 + layer.scaling * torch.einsum("hor,hri->oi", layer.lora_B, layer.lora_A.flatten(2)).view_as(w0) / 3
+        before = seq.eval()(x)
+        layer.merge()
+        torch.testing.assert_close(layer.weight, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(seq(x), before, rtol=1e-5, atol=1e-5)  # eval sees the merged model either way
+        # right after a merge every head computes the merged weight: heads are in sync
+        torch.testing.assert_close(seq.train()(x), seq.eval()(x), rtol=1e-5, atol=1e-5)
+        a_before = layer.lora_A.detach().clone()
+        _perturb(layer, 3)  # more training, a second merge
+        layer.merge()
+        assert not torch.equal(layer.lora_A, a_before)  # nothing re-initialised: A is what training left
+        b, a = layer.factors_since_reset()
+        assert b.shape[1] == 3 * layer.rank  # rank H·r however many merges
+        torch.testing.assert_close(layer.weight - w0, (b @ a.flatten(1)).view_as(w0), rtol=0, atol=1e-5)
+
+
+def test_reinit_merge_is_exact_and_keeps_a_ledger():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(12, 7))
+    inject_lte(seq, 2, 3, 6.0, mode="reinit")
+    layer = seq[0]
+    w0 = layer.weight.detach().clone()
+    _perturb(layer, 4)
+    expected = w0 + layer.scaling * (layer.lora_B[0] @ layer.lora_A[0] + layer.lora_B[1] @ layer.lora_A[1]) / 2
+    old_a = layer.lora_A.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer.weight, expected, rtol=0, atol=1e-6)
+    assert torch.count_nonzero(layer.lora_B) == 0 and not torch.equal(layer.lora_A, old_a)
+    _perturb(layer, 5)
+    layer.merge()
+    b, a = layer.factors_since_reset()
+    assert b.shape[1] == 3 * 2 * 3  # two merged ledger entries + the (zero) live heads
+    torch.testing.assert_close(layer.weight - w0, b @ a, rtol=0, atol=1e-5)
+
+
+def _cfg(medmnist_root, **overrides) -> RunConfig:
+    return RunConfig.from_mapping({"model": "vit_pico_patch4_28", "peft": "lte", "data-root": str(medmnist_root),
+                                   "device": "cpu", "batch-size": 16, "lte-heads": 2, "lr": 3e-3,
+                                   "local-epochs": 1, **overrides})
+
+
+def test_federated_replicas_follow_the_server_through_low_rank_updates(medmnist_root):
+    """Three clients, three rounds, client 2 misses round 2 and catches up from the missed factors;
+    every replica ends equal to the server's backbone, and only factors and replicas crossed."""
+    cfg = _cfg(medmnist_root, **{"lora-rank": 2})
+    info = task_info(cfg.dataset)
+    data = load_split(cfg.dataset, "train", data_root=cfg.data_root)
+    shards = [data.subset(range(i * 48, (i + 1) * 48)) for i in range(3)]
+    model = build_lte_model(cfg, info)
+    server = LTEServer(base_state(model), replica_state(model))
+    initial = snapshot(base_state(model))
+    replicas, versions = [Replica(initial, 0) for _ in shards], [0, 0, 0]
+    full_bytes = nbytes(snapshot(model.state_dict()))
+    factor_bytes = 4 * cfg.lte_heads * cfg.lora_rank * sum(w.shape[0] + w[0].numel() for w in initial.values())
+    for rnd in range(1, 4):
+        replies = []
+        for k, shard in enumerate(shards):
+            if rnd == 2 and k == 2:
+                continue
+            payload, _ = server.payload(versions[k])
+            assert all(key.startswith(("update/", "replica/")) for key in payload)  # never the backbone
+            assert nbytes(payload) < full_bytes / 2  # rank 3 clients x 2 heads x 2 of width 64
+            replicas[k], reply, _ = client_round(model, replicas[k], payload, server.version, shard, info, cfg,
+                                                 CPU, seed=rnd * 10 + k)
+            versions[k] = replicas[k].version
+            assert nbytes(reply) == factor_bytes + nbytes(server.replicas) < full_bytes / 4
+            replies.append((reply, float(len(shard))))
+        server.aggregate(replies)
+    rank = 3 * cfg.lte_heads * cfg.lora_rank
+    assert all(update.shape[-1] == rank for key, update in server.updates[3].items() if key.endswith("/B"))
+    assert not torch.equal(server.replica.base["blocks.0.mlp.fc1.weight"], initial["blocks.0.mlp.fc1.weight"])
+    for k in range(3):
+        payload, catchup = server.payload(versions[k])
+        assert catchup == (nbytes({key: v for key, v in payload.items() if key.startswith("update/2/")}) if k == 2 else 0)
+        replica = sync(replicas[k], payload, server.version)
+        for name, weight in server.replica.base.items():
+            assert (replica.base[name] - weight).abs().max() <= 1e-5, name
+
+
+def test_server_aggregate_is_the_weighted_mean_of_client_products():
+    base = {"l.weight": torch.zeros(4, 6)}
+    server = LTEServer(base, {"r": torch.zeros(2)})
+    g = torch.Generator().manual_seed(0)
+    clients = [({"factor/l/B": torch.randn(4, 2, generator=g), "factor/l/A": torch.randn(2, 6, generator=g),
+                 "replica/r": torch.randn(2, generator=g)}, w) for w in (1.0, 3.0)]
+    server.aggregate(clients)
+    expected = sum(w * (d["factor/l/B"] @ d["factor/l/A"]) for d, w in clients) / 4
+    torch.testing.assert_close(server.replica.base["l.weight"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(server.replicas["r"], (clients[0][0]["replica/r"] + 3 * clients[1][0]["replica/r"]) / 4)
