@@ -246,7 +246,8 @@ def hf_worker(job: dict) -> dict:
 
 # --- the run -------------------------------------------------------------------
 
-def run_rows(args: argparse.Namespace, profiles: dict[str, str]) -> list[dict]:
+def run_rows(args: argparse.Namespace, profiles: dict[str, str], on_row: Callable[[list[dict]], None]) -> list[dict]:
+    """Measure every (model, compile, mode); ``on_row`` gets the rows so far after each one."""
     device = torch.device(args.device)
     compile_models = set(args.compile_models or args.models)
     rows = []
@@ -274,6 +275,7 @@ def run_rows(args: argparse.Namespace, profiles: dict[str, str]) -> list[dict]:
                     profiles[tag] = table[0]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                on_row(rows)
     return rows
 
 
@@ -336,26 +338,32 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    profiles: dict[str, str] = {}
-    rows = run_rows(args, profiles)
-    data = data_path(args)
-    hardware, versions = environment(args, rows)
-    result = {
-        "hardware": hardware, "versions": versions,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: getattr(args, k) for k in ("batch", "img", "num_classes", "rank", "warmup", "steps",
-                                                   "repeats", "device")}
-                    | {"autocast": "bfloat16", "optimizer": "AdamW (fused on CUDA)", "memory_format": "channels_last",
-                       "data": "synthetic, on the device"},
-        "rows": rows,
-        "data_path": data,
-        "federation": None,
-        "federation_note": "not measured by this run: needs Flower on the GPU machine (simulation and "
-                           "deployment runtimes); see issue 7",
-    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+
+    def save(rows: list[dict], data: dict | None = None) -> dict:
+        """Write the JSON so far: a run cut short by a time limit keeps its finished rows."""
+        hardware, versions = environment(args, rows)
+        result = {
+            "hardware": hardware, "versions": versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": {k: getattr(args, k) for k in ("batch", "img", "num_classes", "rank", "warmup", "steps",
+                                                       "repeats", "device")}
+                        | {"autocast": "bfloat16", "optimizer": "AdamW (fused on CUDA)",
+                           "memory_format": "channels_last", "data": "synthetic, on the device"},
+            "rows": rows,
+            "data_path": data,
+            "federation": None,
+            "federation_note": "not measured by this run: needs Flower on the GPU machine (simulation and "
+                               "deployment runtimes); see issue 7",
+        }
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
+    profiles: dict[str, str] = {}
+    rows = run_rows(args, profiles, save)
+    data = data_path(args)
+    result = save(rows, data)
     if profiles:
         out.with_suffix(".profile.txt").write_text("".join(f"== {tag}\n{table}\n\n" for tag, table in profiles.items()))
     print(ratio_table(rows))

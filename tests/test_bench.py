@@ -28,8 +28,8 @@ def test_bench_smoke(tmp_path: Path, medmnist_root: Path, capsys):
 
 
 def test_hf_peft_row_never_sees_our_package():
-    """Locally HF peft is absent: the row is a note, not our package measured under its name."""
+    """Without HF peft (or with our package installed editable) the row is a note, never ours measured."""
     args = bench.parse_args(["--device", "cpu", "--models", "resnet10t", "--batch", "2", "--img", "32",
                              "--warmup", "0", "--steps", "1", "--repeats", "1"])
     row = bench.hf_peft_row("resnet10t", args)
-    assert "img_per_s" in row or "not importable" in row["error"]
+    assert "img_per_s" in row or "not importable" in row["error"] or "not Hugging Face peft" in row["error"]
