@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
+from client import lte
 from client.config import ConfigError, RunConfig
 from client.data import Split, TaskInfo, load_split, task_info
 from client.engine import evaluate, pick_device, train
@@ -36,6 +37,9 @@ class Shard:
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
+    if (cfg := run_config(msg, context)).peft == "lte":
+        seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
+        return lte.handle_train(msg, context, cfg, _lte_shard(cfg, context).train, seed)
     cfg, shard, model, info = _setup(msg, context)
     global_state = msg.content["arrays"].to_torch_state_dict()
     server_round = int(msg.content["config"].get("server-round", 0))
@@ -55,11 +59,18 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """The global adapters (with this client's own local-params) on its local validation split."""
+    if (cfg := run_config(msg, context)).peft == "lte":
+        return lte.handle_evaluate(msg, context, cfg, _lte_shard(cfg, context).val)
     cfg, shard, model, info = _setup(msg, context)
     result = evaluate(model, shard.val, info, device=pick_device(cfg.device), input_size=cfg.input_size)
     metrics = MetricRecord({"num-examples": len(shard.val), "val_loss": result.loss,
                             "val_accuracy": result.accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _lte_shard(cfg: RunConfig, context: Context) -> Shard:
+    """peft=lte runs in client/lte.py (it keeps a backbone replica per client); this app finds the shard."""
+    return _shard(cfg, _partition_id(context), _num_partitions(context))
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Shard, nn.Module, TaskInfo]:

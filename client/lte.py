@@ -220,7 +220,7 @@ def _store(context: Context, replica: Replica) -> None:
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int) -> Message:
     payload = msg.content["arrays"].to_torch_state_dict()
-    target = int(msg.content["config"]["lte-version"])
+    target = int(msg.content["lte"]["version"])
     device = pick_device(cfg.device)
     replica, reply, stats = client_round(_model(cfg), _replica(context, cfg), payload, target, data,
                                          task_info(cfg.dataset), cfg, device, seed)
@@ -235,7 +235,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split)
     """Sync to the round's global model (so every replica matches the server's), then evaluate it
     on the local validation split when there is one."""
     payload = msg.content["arrays"].to_torch_state_dict()
-    replica = sync(_replica(context, cfg), payload, int(msg.content["config"]["lte-version"]))
+    replica = sync(_replica(context, cfg), payload, int(msg.content["lte"]["version"]))
     _store(context, replica)
     metrics = {"num-examples": len(data), "lte-version": replica.version, "base-checksum": checksum(replica.base)}
     if len(data):

@@ -18,6 +18,7 @@ from client.data import load_split, task_info
 from client.engine import evaluate, pick_device
 from client.model import build_model, is_local
 from peft import adapter_state, count_parameters, load_adapter_state, merged_state_dict
+from server import lte
 from server.aggregation import AGGREGATORS
 from server.optimizers import ServerOptimizer
 from server.report import RunRecorder, default_run_name, hardware, make_run_dir, versions
@@ -34,6 +35,8 @@ def main(grid: Grid, context: Context) -> None:
 def federate(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round; return the run directory. The run config travels in every instruction,
     so each client trains exactly the model and adapters this server aggregates."""
+    if cfg.peft == "lte":
+        return lte.federate(grid, cfg)
     recorder = RunRecorder(make_run_dir(cfg.out, cfg.run_name or default_run_name(cfg)))
     info = task_info(cfg.dataset)
     device = pick_device(cfg.device)

@@ -111,7 +111,8 @@ class LTEStrategy(FedAvg):
                   message_type: str) -> list[Message]:
         num_nodes = int(len(list(grid.get_node_ids())) * fraction)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, 1))
-        config = ConfigRecord({**config, "server-round": server_round, "lte-version": self.server.version})
+        config = ConfigRecord({**config, "server-round": server_round})
+        version = ConfigRecord({"version": self.server.version})  # apart: "config" holds run-config keys only
         stats = self.round_stats.setdefault(server_round, {
             "round_start": time.perf_counter(), "num_sampled": 0, "bytes_down": 0, "bytes_up": 0,
             "catchup_bytes": 0, "num_clients_ok": 0, "num_clients_failed": 0, "train_loss": math.nan,
@@ -122,7 +123,7 @@ class LTEStrategy(FedAvg):
             arrays = ArrayRecord(payload)
             stats["bytes_down"] += sum(len(a.data) for a in arrays.values())
             stats["catchup_bytes"] += catchup
-            messages.append(Message(RecordDict({"arrays": arrays, "config": config}), message_type=message_type,
+            messages.append(Message(RecordDict({"arrays": arrays, "config": config, "lte": version}), message_type=message_type,
                                     dst_node_id=node))
         return messages
 
