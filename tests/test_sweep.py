@@ -36,7 +36,7 @@ def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
     grid.write_text(f'[base]\ndata-root = "{medmnist_root}"\nmodel = "resnet10t"\nnum-clients = 2\n'
                     'num-server-rounds = 1\nlocal-epochs = 1\n[grid]\npeft = ["norm", "head"]\n')
     out = tmp_path / "sweep"
-    assert main(["--grid", str(grid), "--out", str(out)]) == 0
+    assert main(["--grid", str(grid), "--out", str(out), "--backend", "inprocess"]) == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["run"] for r in rows] == ["norm", "head"]
     assert all(0 < float(r["final_test_accuracy"]) <= 1 and r["weights"] == "random init (seed 0)" for r in rows)
@@ -47,7 +47,7 @@ def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
     (out / "runs" / "head" / "summary.json").unlink()  # as if interrupted mid-run
     norm_summary = (out / "runs" / "norm" / "summary.json").read_bytes()
     capsys.readouterr()
-    assert main(["--grid", str(grid), "--out", str(out)]) == 0
+    assert main(["--grid", str(grid), "--out", str(out), "--backend", "inprocess"]) == 0
     printed = capsys.readouterr().out
     assert "norm: done before, skipped" in printed and "head: running" in printed
     assert (out / "runs" / "norm" / "summary.json").read_bytes() == norm_summary
