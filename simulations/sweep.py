@@ -197,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     out.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {len(planned)} runs into {out}", flush=True)
-    failed = [name for name, cfg in planned if not run_one(name, cfg, out, args.backend)]
-    write_reports(collect(planned, out), out, f"Sweep {path.stem}")
+    failed = []
+    for name, cfg in planned:
+        if not run_one(name, cfg, out, args.backend):
+            failed.append(name)
+        write_reports(collect(planned, out), out, f"Sweep {path.stem}")  # current after every run
     print(f"[sweep] {len(planned) - len(failed)}/{len(planned)} runs finished; tables in {out}", flush=True)
     print(out)
     return 1 if failed else 0
