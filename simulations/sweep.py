@@ -18,7 +18,8 @@
 Runs are the product of all axes. Every config is checked before the first run starts. Each run
 is a separate ``python -m simulations.run`` process writing ``<out>/runs/<name>/``; a run whose
 summary.json exists is skipped, so an interrupted sweep resumes where it stopped (a half-written
-run directory is kept aside as ``<name>.incomplete-<time>``, never deleted). At the end the sweep
+run directory is kept aside as ``<name>.incomplete-<time>``, one whose config has since changed as
+``<name>.stale-<time>``; nothing is deleted). At the end the sweep
 writes ``results.csv``, ``results.md``, ``accuracy_per_round.png`` and ``accuracy_vs_bytes.png``.
 """
 
@@ -80,11 +81,13 @@ def plan(grid: dict[str, Any], out: Path) -> list[tuple[str, RunConfig]]:
 def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray") -> bool:
     """One simulation in its own process (fresh Ray, fresh memory); True if it finished."""
     run_dir = out / "runs" / name
-    if (run_dir / "summary.json").is_file():
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text())["config"] == cfg.to_flower():
         print(f"[sweep] {name}: done before, skipped", flush=True)
         return True
-    if run_dir.exists():
-        run_dir.rename(run_dir.with_name(f"{name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if run_dir.exists():  # cut off, or run with another config: keep it aside, never delete
+        why = "stale" if summary.is_file() else "incomplete"
+        run_dir.rename(run_dir.with_name(f"{name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"))
     config_file = out / "configs" / f"{name}.toml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_flower().items()))

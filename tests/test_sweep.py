@@ -53,3 +53,8 @@ def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
     assert (out / "runs" / "norm" / "summary.json").read_bytes() == norm_summary
     assert [p.name.split(".")[0] for p in (out / "runs").glob("head.incomplete-*")] == ["head"]  # kept, not deleted
     assert (out / "runs" / "head" / "summary.json").is_file()
+
+    grid.write_text(grid.read_text().replace("local-epochs = 1", "local-epochs = 2"))  # configs changed
+    assert main(["--grid", str(grid), "--out", str(out), "--backend", "inprocess"]) == 0
+    assert "norm: running" in capsys.readouterr().out
+    assert len(list((out / "runs").glob("norm.stale-*"))) == 1
