@@ -46,6 +46,15 @@ def vit_pico_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return build_model_with_cfg(VisionTransformer, "vit_pico_patch4_28", pretrained, **{**args, **kwargs})
 
 
+@register_model
+def vit_nano_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """vit_pico's GPU-sized sibling: 28-px input in 4-px patches, width 192 (vit_tiny's), depth 6.
+    Wide enough that a few low-rank factors per layer weigh far less than the layer."""
+    args = dict(img_size=28, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0)
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"classifier": "head"}
+    return build_model_with_cfg(VisionTransformer, "vit_nano_patch4_28", pretrained, **{**args, **kwargs})
+
+
 def check_config(cfg: RunConfig) -> None:
     if cfg.batch_size % cfg.lte_heads:
         raise ConfigError(f"batch-size {cfg.batch_size} must be divisible by lte-heads {cfg.lte_heads}: "
