@@ -6,8 +6,6 @@ can evaluate the global adapters on the official test split and export the merge
 
 from __future__ import annotations
 
-import time
-from datetime import datetime
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -17,11 +15,11 @@ from client.config import RunConfig
 from client.data import load_split, task_info
 from client.engine import evaluate, pick_device
 from client.model import build_model, is_local
-from peft import adapter_state, count_parameters, load_adapter_state, merged_state_dict
+from peft import adapter_state, load_adapter_state, merged_state_dict
 from server import lte
 from server.aggregation import AGGREGATORS
 from server.optimizers import ServerOptimizer
-from server.report import RunRecorder, default_run_name, hardware, make_run_dir, versions
+from server.report import RunRecorder, default_run_name, make_run_dir
 from server.strategy import DeltaFedAvg
 
 app = ServerApp()
@@ -53,18 +51,13 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min(cfg.min_clients, cfg.num_clients),
     )
-    initial_eval: dict[str, float] = {}
-
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_adapter_state(model, {**local, **arrays.to_torch_state_dict()})
         result = evaluate(model, test, info, device=device, input_size=cfg.input_size)
         metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_auc": result.auc}
-        if server_round == 0:
-            initial_eval.update(metrics)
-        else:
-            stats = dict(strategy.round_stats[server_round])
-            stats["round_seconds"] = time.perf_counter() - stats.pop("round_start")
-            recorder.log_round({"round": server_round, **metrics, **stats}, cfg.num_server_rounds)
+        recorder.log_evaluation(server_round, metrics, strategy.round_stats.get(server_round, {}),
+                                cfg.num_server_rounds)
+        if server_round:
             recorder.checkpoint(strategy.global_state, server_round)
         return MetricRecord(metrics)
 
@@ -77,19 +70,6 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
         "timm_model": cfg.model, "num_classes": str(info.num_classes), "in_chans": str(info.in_chans),
         "image_size": str(cfg.model_size),
     })
-    majority = int(train_labels[:, 0].mode().values)
-    trainable, total = count_parameters(model)
-    last = recorder.rounds[-1] if recorder.rounds else {}
-    recorder.write_summary({
-        "final_test_accuracy": last.get("test_accuracy"), "final_test_auc": last.get("test_auc"),
-        "initial_test_accuracy": initial_eval.get("test_accuracy"), "initial_test_auc": initial_eval.get("test_auc"),
-        "majority_class_accuracy": float((test.labels[:, 0] == majority).float().mean()),
-        "num_rounds": len(recorder.rounds), "trainable_params": trainable, "total_params": total,
-        "adapter_bytes": sum(t.numel() * t.element_size() for t in strategy.global_state.values()),
-        "bytes_up_total": sum(r["bytes_up"] for r in recorder.rounds),
-        "bytes_down_total": sum(r["bytes_down"] for r in recorder.rounds),
-        "merged_model": export.name, "hardware": hardware(), "versions": versions(),
-        "date": datetime.now().isoformat(timespec="seconds"), "config": cfg.to_flower(),
-    })
-    print(f"[fedmeld] run directory: {recorder.run_dir}", flush=True)
+    recorder.finish(cfg, model, test.labels, train_labels, export,
+                    adapter_bytes=sum(t.numel() * t.element_size() for t in strategy.global_state.values()))
     return recorder.run_dir

@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -34,9 +33,8 @@ from client.config import RunConfig
 from client.data import load_split, task_info
 from client.engine import evaluate, pick_device
 from client.lte import Replica, State, base_state, build_lte_model, checksum, load, replica_state, snapshot, sync
-from peft import count_parameters
 from server.aggregation import weighted_mean
-from server.report import RunRecorder, default_run_name, hardware, make_run_dir, versions
+from server.report import RunRecorder, default_run_name, make_run_dir
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -192,18 +190,13 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     strategy = LTEStrategy(server, reply_keys, fraction_train=cfg.fraction_train,
                            fraction_evaluate=cfg.fraction_train, min_train_nodes=1, min_evaluate_nodes=1,
                            min_available_nodes=min(cfg.min_clients, cfg.num_clients))
-    initial_eval: dict[str, float] = {}
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load(model, server.replica.base, server.replicas)
         result = evaluate(model, test, info, device=device)
         metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_auc": result.auc}
-        if server_round == 0:
-            initial_eval.update(metrics)
-        else:
-            stats = dict(strategy.round_stats[server_round])
-            stats["round_seconds"] = time.perf_counter() - stats.pop("round_start")
-            recorder.log_round({"round": server_round, **metrics, **stats}, cfg.num_server_rounds)
+        recorder.log_evaluation(server_round, metrics, strategy.round_stats.get(server_round, {}),
+                                cfg.num_server_rounds)
         return MetricRecord(metrics)
 
     strategy.start(grid, ArrayRecord(server.replicas), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
@@ -214,22 +207,10 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     plain = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     export = recorder.export_model(plain, {"timm_model": cfg.model, "num_classes": str(info.num_classes),
                                            "in_chans": str(info.in_chans), "image_size": str(cfg.image_size)})
-    majority = int(train_labels[:, 0].mode().values)
-    trainable, total = count_parameters(model)
     rounds = recorder.rounds
-    last = rounds[-1] if rounds else {}
-    clients = max(sum(r["num_clients_ok"] for r in rounds), 1)
-    recorder.write_summary({
-        "final_test_accuracy": last.get("test_accuracy"), "final_test_auc": last.get("test_auc"),
-        "initial_test_accuracy": initial_eval.get("test_accuracy"), "initial_test_auc": initial_eval.get("test_auc"),
-        "majority_class_accuracy": float((test.labels[:, 0] == majority).float().mean()),
-        "num_rounds": len(rounds), "trainable_params": trainable, "total_params": total,
-        "full_model_bytes": nbytes(dict(plain)),
-        "bytes_per_client_round": sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / clients,
-        "bytes_up_total": sum(r["bytes_up"] for r in rounds), "bytes_down_total": sum(r["bytes_down"] for r in rounds),
-        "samples_seen": sum(r["samples_seen"] for r in rounds),
-        "merged_model": export.name, "hardware": hardware(), "versions": versions(),
-        "date": datetime.now().isoformat(timespec="seconds"), "config": cfg.to_flower(),
-    })
-    print(f"[fedmeld] run directory: {recorder.run_dir}", flush=True)
+    recorder.finish(cfg, model, test.labels, train_labels, export, full_model_bytes=nbytes(dict(plain)),
+                    bytes_per_client_round=sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+                    / max(sum(r["num_clients_ok"] for r in rounds), 1),
+                    samples_seen=sum(r["samples_seen"] for r in rounds))
+
     return recorder.run_dir

@@ -65,7 +65,18 @@ class RunRecorder:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.rounds: list[dict[str, Any]] = []
+        self.initial: dict[str, float] = {}  # the global model's test metrics before round 1
         self.started = time.perf_counter()
+
+    def log_evaluation(self, server_round: int, metrics: dict[str, float], stats: dict[str, float],
+                       num_rounds: int) -> None:
+        """The server's test metrics for a round plus the strategy's round stats (round 0: the start)."""
+        if server_round == 0:
+            self.initial = dict(metrics)
+            return
+        stats = dict(stats)
+        stats["round_seconds"] = time.perf_counter() - stats.pop("round_start")
+        self.log_round({"round": server_round, **metrics, **stats}, num_rounds)
 
     def log_round(self, record: dict[str, Any], num_rounds: int) -> None:
         self.rounds.append(record)
@@ -88,6 +99,27 @@ class RunRecorder:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
         return path
+
+    def finish(self, cfg: RunConfig, model: torch.nn.Module, test_labels: torch.Tensor,
+               train_labels: torch.Tensor, export: Path, **extra: Any) -> None:
+        """summary.json (the fields every run has, plus ``extra``) and the plot."""
+        from peft import count_parameters
+
+        majority = int(train_labels[:, 0].mode().values)
+        trainable, total = count_parameters(model)
+        last = self.rounds[-1] if self.rounds else {}
+        self.write_summary({
+            "final_test_accuracy": last.get("test_accuracy"), "final_test_auc": last.get("test_auc"),
+            "initial_test_accuracy": self.initial.get("test_accuracy"),
+            "initial_test_auc": self.initial.get("test_auc"),
+            "majority_class_accuracy": float((test_labels[:, 0] == majority).float().mean()),
+            "num_rounds": len(self.rounds), "trainable_params": trainable, "total_params": total,
+            "bytes_up_total": sum(r["bytes_up"] for r in self.rounds),
+            "bytes_down_total": sum(r["bytes_down"] for r in self.rounds),
+            **extra, "merged_model": export.name, "hardware": hardware(), "versions": versions(),
+            "date": datetime.now().isoformat(timespec="seconds"), "config": cfg.to_flower(),
+        })
+        print(f"[fedmeld] run directory: {self.run_dir}", flush=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         summary = {**summary, "wall_seconds": time.perf_counter() - self.started}
