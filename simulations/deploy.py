@@ -68,7 +68,7 @@ class Deployment:
     def _start(self, name: str, cmd: list[str]) -> None:
         log = (self.home / f"{name}.log").open("w")
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+                                           start_new_session=True))  # Ctrl-C here reaches us, not them
 
     def _wait_for_port(self, port: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -86,16 +86,53 @@ class Deployment:
                               timeout=timeout)
 
     def stop(self) -> None:
-        """SuperNodes first, then the SuperLink; each with its whole process group (superexec, apps)."""
+        """SuperNodes first, then the SuperLink, each with every process under it: Flower starts
+        its SuperExec and app processes in sessions of their own, so process groups miss them."""
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
+            tree = [proc.pid, *_descendants(proc.pid)]
+            _signal(tree, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+                proc.poll()  # reap our own child as soon as it exits
+                time.sleep(0.2)
+            _signal([pid for pid in tree if _alive(pid)], signal.SIGKILL)
+            proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
             try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: Path,
