@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from client import lte
 from client.config import ConfigError, RunConfig
-from client.data import Split, TaskInfo, load_split, task_info
+from client.data import Split, load_split, task_info
 from client.engine import evaluate, pick_device, train
 from client.model import build_model, is_local, make_optimizer
 from client.partition import partition, train_val_split
@@ -37,16 +37,16 @@ class Shard:
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    if (cfg := run_config(msg, context)).peft == "lte":
-        seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
-        return lte.handle_train(msg, context, cfg, _lte_shard(cfg, context).train, seed)
-    cfg, shard, model, info = _setup(msg, context)
+    cfg = run_config(msg, context)
+    shard = _shard(cfg, _partition_id(context), _num_partitions(context))
+    seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
+    if cfg.peft == "lte":  # LTE keeps a backbone replica per client: client/lte.py
+        return lte.handle_train(msg, context, cfg, shard.train, seed)
+    model = _load_model(cfg, msg, context)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    server_round = int(msg.content["config"].get("server-round", 0))
-    stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                  weight_decay=cfg.weight_decay, device=pick_device(cfg.device), input_size=cfg.input_size,
-                  seed=cfg.seed * 100_003 + server_round * 1_009 + _partition_id(context), prox_mu=cfg.proximal_mu,
-                  optimizer=make_optimizer(model, cfg))
+    stats = train(model, shard.train, task_info(cfg.dataset), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                  lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device), input_size=cfg.input_size,
+                  seed=seed, prox_mu=cfg.proximal_mu, optimizer=make_optimizer(model, cfg))
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     if cfg.local_params:
         context.state[LOCAL_KEY] = ArrayRecord({k: v for k, v in state.items() if is_local(k, cfg)})
@@ -59,30 +59,25 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """The global adapters (with this client's own local-params) on its local validation split."""
-    if (cfg := run_config(msg, context)).peft == "lte":
-        return lte.handle_evaluate(msg, context, cfg, _lte_shard(cfg, context).val)
-    cfg, shard, model, info = _setup(msg, context)
-    result = evaluate(model, shard.val, info, device=pick_device(cfg.device), input_size=cfg.input_size)
+    cfg = run_config(msg, context)
+    shard = _shard(cfg, _partition_id(context), _num_partitions(context))
+    if cfg.peft == "lte":
+        return lte.handle_evaluate(msg, context, cfg, shard.val)
+    result = evaluate(_load_model(cfg, msg, context), shard.val, task_info(cfg.dataset),
+                      device=pick_device(cfg.device), input_size=cfg.input_size)
     metrics = MetricRecord({"num-examples": len(shard.val), "val_loss": result.loss,
                             "val_accuracy": result.accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _lte_shard(cfg: RunConfig, context: Context) -> Shard:
-    """peft=lte runs in client/lte.py (it keeps a backbone replica per client); this app finds the shard."""
-    return _shard(cfg, _partition_id(context), _num_partitions(context))
-
-
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, Shard, nn.Module, TaskInfo]:
-    """Config, shard and the model loaded with this round's state: the global tensors from the
-    message, plus this client's own local-params (its initial values before its first round)."""
-    cfg = run_config(msg, context)
+def _load_model(cfg: RunConfig, msg: Message, context: Context) -> nn.Module:
+    """The cached model loaded with this round's state: the global tensors from the message, plus
+    this client's own local-params (its initial values before its first round)."""
     model, initial = _model(cfg)
     own = context.state[LOCAL_KEY].to_torch_state_dict() if LOCAL_KEY in context.state else {}
     local = {k: own.get(k, v) for k, v in initial.items() if is_local(k, cfg)}
     load_adapter_state(model, {**local, **msg.content["arrays"].to_torch_state_dict()})
-    shard = _shard(cfg, _partition_id(context), _num_partitions(context))
-    return cfg, shard, model, task_info(cfg.dataset)
+    return model
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:
