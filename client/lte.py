@@ -81,11 +81,7 @@ def replica_state(model: nn.Module) -> State:
     """Everything else that trains (plus BatchNorm statistics): small, shipped in full."""
     params = dict(model.named_parameters())
     state = {name: params[name] for name in replica_names(model)}
-    return state | (bn_stats(model) if not _bn_frozen(model) else {})
-
-
-def _bn_frozen(model: nn.Module) -> bool:
-    return any(m._forward_pre_hooks for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return state | bn_stats(model)
 
 
 def snapshot(state: State) -> State:

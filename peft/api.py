@@ -47,8 +47,7 @@ def _adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     if "full" in cfg.components:
         return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("num_batches_tracked")}
     tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if cfg.bn_stats == "aggregate":
-        tensors.update(bn_stats(model))
+    tensors.update(bn_stats(model))  # empty when bn_stats="frozen"
     return tensors
 
 

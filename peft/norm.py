@@ -39,11 +39,12 @@ def apply_norm(model: nn.Module, cfg: PeftConfig) -> None:
 
 
 def bn_stats(model: nn.Module) -> dict[str, Tensor]:
-    """running_mean/running_var of every BatchNorm that tracks them, by state-dict name."""
+    """running_mean/running_var of every BatchNorm whose statistics can change (not frozen), by
+    state-dict name: what has to travel."""
     return {
         name: buf
         for prefix, module in model.named_modules()
-        if isinstance(module, _BatchNorm)
+        if isinstance(module, _BatchNorm) and not getattr(module, "stats_frozen", False)
         for name, buf in module.named_buffers(prefix=prefix, recurse=False)
         if not name.endswith("num_batches_tracked")
     }
@@ -58,3 +59,4 @@ def freeze_bn_stats(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             module.register_forward_pre_hook(_keep_eval)
+            module.stats_frozen = True

@@ -12,14 +12,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from client.config import RunConfig
-from client.data import load_split, task_info
-from client.engine import evaluate, pick_device
 from client.model import build_model, is_local
 from peft import adapter_state, load_adapter_state, merged_state_dict
 from server import lte
 from server.aggregation import AGGREGATORS
 from server.optimizers import ServerOptimizer
-from server.report import RunRecorder, default_run_name, make_run_dir
+from server.evaluation import CentralEvaluation
 from server.strategy import DeltaFedAvg
 
 app = ServerApp()
@@ -35,12 +33,8 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     so each client trains exactly the model and adapters this server aggregates."""
     if cfg.peft == "lte":
         return lte.federate(grid, cfg)
-    recorder = RunRecorder(make_run_dir(cfg.out, cfg.run_name or default_run_name(cfg)))
-    info = task_info(cfg.dataset)
-    device = pick_device(cfg.device)
-    model = build_model(cfg, info).to(device)
-    test = load_split(cfg.dataset, "test", cfg.image_size, cfg.data_root)
-    train_labels = load_split(cfg.dataset, "train", cfg.image_size, cfg.data_root).labels
+    central = CentralEvaluation.start(cfg)
+    model = build_model(cfg, central.info).to(central.device)
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     initial = {k: v for k, v in state.items() if not is_local(k, cfg)}
     local = {k: v for k, v in state.items() if is_local(k, cfg)}  # each client keeps its own; the server its initial
@@ -51,25 +45,18 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min(cfg.min_clients, cfg.num_clients),
     )
+
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_adapter_state(model, {**local, **arrays.to_torch_state_dict()})
-        result = evaluate(model, test, info, device=device, input_size=cfg.input_size)
-        metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_auc": result.auc}
-        recorder.log_evaluation(server_round, metrics, strategy.round_stats.get(server_round, {}),
-                                cfg.num_server_rounds)
+        metrics = central(model, server_round, strategy.round_stats.get(server_round, {}))
         if server_round:
-            recorder.checkpoint(strategy.global_state, server_round)
-        return MetricRecord(metrics)
+            central.recorder.checkpoint(strategy.global_state, server_round)
+        return metrics
 
     strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
                    evaluate_fn=central_evaluate)
 
     load_adapter_state(model, {**local, **strategy.global_state})
-    export = recorder.export_model(merged_state_dict(model), {
-        "timm_model": cfg.model, "num_classes": str(info.num_classes), "in_chans": str(info.in_chans),
-        "image_size": str(cfg.model_size),
-    })
-    recorder.finish(cfg, model, test.labels, train_labels, export,
-                    adapter_bytes=sum(t.numel() * t.element_size() for t in strategy.global_state.values()))
-    return recorder.run_dir
+    return central.finish(model, merged_state_dict(model),
+                          adapter_bytes=sum(t.numel() * t.element_size() for t in strategy.global_state.values()))

@@ -30,11 +30,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from client.config import RunConfig
-from client.data import load_split, task_info
-from client.engine import evaluate, pick_device
 from client.lte import Replica, State, base_state, build_lte_model, checksum, load, replica_state, snapshot, sync
 from server.aggregation import weighted_mean
-from server.report import RunRecorder, default_run_name, make_run_dir
+from server.evaluation import CentralEvaluation
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
@@ -178,12 +176,8 @@ class LTEStrategy(FedAvg):
 def federate(grid: Grid, cfg: RunConfig) -> Path:
     """server/app.py's federate for peft=lte: same run directory, metrics and summary, plus bytes
     per round beside the full model's size."""
-    recorder = RunRecorder(make_run_dir(cfg.out, cfg.run_name or default_run_name(cfg)))
-    info = task_info(cfg.dataset)
-    device = pick_device(cfg.device)
-    model = build_lte_model(cfg, info).to(device)
-    test = load_split(cfg.dataset, "test", cfg.image_size, cfg.data_root)
-    train_labels = load_split(cfg.dataset, "train", cfg.image_size, cfg.data_root).labels
+    central = CentralEvaluation.start(cfg)
+    model = build_lte_model(cfg, central.info).to(central.device)
     server = LTEServer(base_state(model), replica_state(model))
     reply_keys = {f"factor/{k[:-7]}/{f}" for k in server.replica.base for f in "BA"} | \
                  {f"replica/{k}" for k in server.replicas}
@@ -193,11 +187,7 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load(model, server.replica.base, server.replicas)
-        result = evaluate(model, test, info, device=device)
-        metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_auc": result.auc}
-        recorder.log_evaluation(server_round, metrics, strategy.round_stats.get(server_round, {}),
-                                cfg.num_server_rounds)
-        return MetricRecord(metrics)
+        return central(model, server_round, strategy.round_stats.get(server_round, {}))
 
     strategy.start(grid, ArrayRecord(server.replicas), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
@@ -205,12 +195,8 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
 
     load(model, server.replica.base, server.replicas)
     plain = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    export = recorder.export_model(plain, {"timm_model": cfg.model, "num_classes": str(info.num_classes),
-                                           "in_chans": str(info.in_chans), "image_size": str(cfg.image_size)})
-    rounds = recorder.rounds
-    recorder.finish(cfg, model, test.labels, train_labels, export, full_model_bytes=nbytes(dict(plain)),
-                    bytes_per_client_round=sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
-                    / max(sum(r["num_clients_ok"] for r in rounds), 1),
-                    samples_seen=sum(r["samples_seen"] for r in rounds))
-
-    return recorder.run_dir
+    rounds = central.recorder.rounds
+    return central.finish(model, plain, full_model_bytes=nbytes(dict(plain)),
+                          bytes_per_client_round=sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+                          / max(sum(r["num_clients_ok"] for r in rounds), 1),
+                          samples_seen=sum(r["samples_seen"] for r in rounds))
