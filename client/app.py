@@ -23,7 +23,7 @@ from client.data import Split, load_split, task_info
 from client.engine import evaluate, pick_device, train
 from client.model import build_model, is_local, make_optimizer
 from client.partition import partition, train_val_split
-from peft import adapter_state, load_adapter_state
+from peft import adapter_state, load_adapter_state, resize_ranks
 
 app = ClientApp()
 NODE_KEYS = ("data-root", "device")
@@ -40,10 +40,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg = run_config(msg, context)
     shard = _shard(cfg, _partition_id(context), _num_partitions(context))
     seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
-    if cfg.peft == "lte":  # LTE keeps a backbone replica per client: client/lte.py
+    if cfg.updates_backbone:  # LTE and exact aggregation keep a backbone replica per client: client/lte.py
         return lte.handle_train(msg, context, cfg, shard.train, seed)
     model = _load_model(cfg, msg, context)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = resize_ranks(_global_state(msg), _model(cfg)[1])
     stats = train(model, shard.train, task_info(cfg.dataset), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device), input_size=cfg.input_size,
                   seed=seed, prox_mu=cfg.proximal_mu, optimizer=make_optimizer(model, cfg))
@@ -61,7 +61,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """The global adapters (with this client's own local-params) on its local validation split."""
     cfg = run_config(msg, context)
     shard = _shard(cfg, _partition_id(context), _num_partitions(context))
-    if cfg.peft == "lte":
+    if cfg.updates_backbone:
         return lte.handle_evaluate(msg, context, cfg, shard.val)
     result = evaluate(_load_model(cfg, msg, context), shard.val, task_info(cfg.dataset),
                       device=pick_device(cfg.device), input_size=cfg.input_size)
@@ -72,20 +72,26 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 def _load_model(cfg: RunConfig, msg: Message, context: Context) -> nn.Module:
     """The cached model loaded with this round's state: the global tensors from the message, plus
-    this client's own local-params (its initial values before its first round)."""
+    this client's own local-params (its initial values before its first round). Under client-ranks
+    the global LoRA factors are cut to this client's rank."""
     model, initial = _model(cfg)
     own = context.state[LOCAL_KEY].to_torch_state_dict() if LOCAL_KEY in context.state else {}
     local = {k: own.get(k, v) for k, v in initial.items() if is_local(k, cfg)}
-    load_adapter_state(model, {**local, **msg.content["arrays"].to_torch_state_dict()})
+    load_adapter_state(model, {**local, **resize_ranks(_global_state(msg), initial)})
     return model
+
+
+def _global_state(msg: Message) -> dict[str, Tensor]:
+    return msg.content["arrays"].to_torch_state_dict()
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:
     """The server's run config from the instruction, with this node's own data-root and device
-    (from --node-config) where it sets them: a hospital knows where its files and GPUs are."""
+    (from --node-config) where it sets them: a hospital knows where its files and GPUs are; under
+    client-ranks, with this client's LoRA rank."""
     sent = {k: v for k, v in msg.content["config"].items() if k != "server-round"}
     local = {k: context.node_config[k] for k in NODE_KEYS if k in context.node_config}
-    return RunConfig.from_mapping({**sent, **local})
+    return RunConfig.from_mapping({**sent, **local}).for_client(_partition_id(context))
 
 
 def _partition_id(context: Context) -> int:

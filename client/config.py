@@ -21,9 +21,16 @@ MEDMNIST_2D = (
     "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
 )
-AGGREGATION_CHOICES = ("fedavg", "median", "trimmed-mean", "ffa")
+AGGREGATION_CHOICES = ("fedavg", "exact", "ffa", "median", "trimmed-mean")
 PEFT_PARTS = ("lora", "dora", "vera", "bitfit", "norm")  # combinable with '+', at most one of lora/dora/vera
 PEFT_ALONE = ("head", "full", "lte")
+
+
+def _valid_ranks(value: str) -> bool:
+    try:
+        return not value.strip() or all(int(r) > 0 for r in value.split(","))
+    except ValueError:
+        return False
 
 
 def _valid_peft(value: str) -> bool:
@@ -104,9 +111,17 @@ class RunConfig:
                                ("resetless", "reinit"))
     bn_stats: str = _key("BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
                          ("aggregate", "frozen"))
-    aggregation: str = _key("How client deltas combine: example-weighted mean (for LoRA: of A and B separately, "
-                            "not of B·A), coordinate-wise median, 20% trimmed mean, or ffa (frozen-A LoRA: A regenerated from "
-                            "seed on every node, only B trains and travels, so the mean is exact).", AGGREGATION_CHOICES)
+    aggregation: str = _key("How client updates combine: fedavg (example-weighted mean of the deltas; for LoRA of A "
+                            "and B separately, which is NOT the mean of the B·A products), exact (LoRA only: the "
+                            "example-weighted mean of the clients' s·B·A products, merged into the backbone; clients "
+                            "re-initialise LoRA each round, FLoRA-style), ffa (frozen-A LoRA: A regenerated from seed "
+                            "on every node, only B trains and travels, so the mean is exact), median (coordinate-wise), "
+                            "trimmed-mean (20% each side).", AGGREGATION_CHOICES)
+    client_ranks: str = _key("Comma-separated LoRA ranks, one per client by partition id (cycled), e.g. 4,8,8,16; "
+                             "empty: every client uses lora-rank. Every client scales by lora-alpha/max(ranks). "
+                             "fedavg zero-pads smaller factors to the largest rank (HetLoRA baseline); exact "
+                             "aggregates mixed ranks exactly.", check=_valid_ranks,
+                             rule="must be empty or comma-separated positive integers")
     server_optimizer: str = _key("Server step on the aggregated delta: sgd (lr 1 = FedAvg), momentum (FedAvgM), "
                                  "adam (FedAdam), yogi (FedYogi).", ("sgd", "momentum", "adam", "yogi"))
     server_lr: float = _key("Server learning rate on the aggregated delta (1.0 with sgd = FedAvg).",
@@ -153,11 +168,46 @@ class RunConfig:
                 raise ConfigError(f"bad value {value!r} for {key!r}; valid values: {valid}")
             if meta["check"] and not meta["check"](value):
                 raise ConfigError(f"bad value {value!r} for {key!r}: {meta['rule']}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Keys that are valid alone but not together; each message says what to change."""
+        parts = set(self.peft.split("+"))
+        if self.aggregation in ("exact", "ffa") and "lora" not in parts:
+            raise ConfigError(f"aggregation={self.aggregation} needs LoRA: set peft to lora, lora+norm, ... "
+                              f"(got peft={self.peft!r})")
+        if self.client_ranks and ("lora" not in parts or self.aggregation not in ("fedavg", "exact")):
+            raise ConfigError("client-ranks needs peft with lora and aggregation fedavg (zero-padding) or exact; "
+                              f"got peft={self.peft!r}, aggregation={self.aggregation!r}")
+        if self.aggregation == "exact":
+            unsupported = {"proximal-mu": self.proximal_mu != 0, "local-params": bool(self.local_params),
+                           "lora-dropout": self.lora_dropout != 0, "optimizer": self.optimizer != "adamw",
+                           "server-optimizer": self.server_optimizer != "sgd", "server-lr": self.server_lr != 1}
+            bad = [k for k, on in unsupported.items() if on]
+            if bad:
+                raise ConfigError(f"aggregation=exact merges the mean product into the backbone as is; it does not "
+                                  f"support {', '.join(bad)}: reset them to their defaults or use fedavg")
 
     @property
     def model_size(self) -> int:
         """The resolution the model sees."""
         return self.input_size or self.image_size
+
+    @property
+    def updates_backbone(self) -> bool:
+        """LTE and exact aggregation merge low-rank updates into the backbone itself, so every
+        client keeps a replica of it (client/lte.py, server/lte.py) instead of adapter deltas."""
+        return self.peft == "lte" or self.aggregation == "exact"
+
+    def for_client(self, partition_id: int | None) -> RunConfig:
+        """This client's config under ``client-ranks`` (the server's: ``None``, the largest rank).
+        The scale alpha/r is the same on every client, so a rank-r slice of the global factors
+        means what it means at the largest rank."""
+        if not self.client_ranks:
+            return self
+        ranks = [int(r) for r in self.client_ranks.split(",")]
+        rank = max(ranks) if partition_id is None else ranks[partition_id % len(ranks)]
+        return dataclasses.replace(self, lora_rank=rank, lora_alpha=self.lora_alpha * rank / max(ranks))
 
     def to_flower(self) -> dict[str, Any]:
         """The '-'-keyed dict Flower's run_config holds."""

@@ -1,5 +1,12 @@
-"""The client side of LTE: train H LoRA heads on local data, merge them on a schedule, and keep a
-replica of the global backbone in sync from broadcast low-rank factors.
+"""The client side of LTE and of exact LoRA aggregation: train LoRA heads on local data, and keep
+a replica of the global backbone in sync from broadcast low-rank factors.
+
+Both protocols merge the clients' low-rank updates into the backbone itself. LTE (``peft=lte``)
+trains H heads on micro-batches and merges them on a schedule, with every other parameter as a
+replica. Exact aggregation (``aggregation=exact`` with ``peft=lora[+norm|+bitfit]``) is the same
+protocol with one head of the client's own rank on the LoRA targets and no local merge (FLoRA:
+clients re-initialise LoRA each round, the server merges the mean of their s·B·A); the replicas
+are exactly what ``peft`` trains besides LoRA (norm γ/β, biases, the head).
 
 One round on a client (``client_round``): bring the replica up to the server's version (apply the
 missed updates' factors, or take a full base when the server sent one), load it and the global
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -30,7 +37,8 @@ from torch import Tensor, nn
 from client.config import ConfigError, RunConfig
 from client.data import Split, TaskInfo, task_info
 from client.engine import evaluate, pick_device, train
-from client.model import create_backbone
+from client.model import create_backbone, peft_config
+from peft import apply_peft, default_target_modules
 from peft.lte import inject_lte, lte_layers, merge_lte, replica_names, reset_lte
 from peft.norm import bn_stats, freeze_bn_stats
 
@@ -55,20 +63,32 @@ def vit_nano_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return build_model_with_cfg(VisionTransformer, "vit_nano_patch4_28", pretrained, **{**args, **kwargs})
 
 
+def heads(cfg: RunConfig) -> int:
+    """LoRA heads per wrapped layer: lte-heads for LTE, one for exact aggregation."""
+    return cfg.lte_heads if cfg.peft == "lte" else 1
+
+
 def check_config(cfg: RunConfig) -> None:
-    if cfg.batch_size % cfg.lte_heads:
+    if cfg.batch_size % heads(cfg):
         raise ConfigError(f"batch-size {cfg.batch_size} must be divisible by lte-heads {cfg.lte_heads}: "
                           f"each head trains on an equal micro-batch")
 
 
 def build_lte_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
-    """The backbone with every Linear/Conv2d (or ``target-modules``) wrapped in H LoRA heads."""
+    """LTE: every Linear/Conv2d (or ``target-modules``) wrapped in H heads, everything else trains.
+    Exact aggregation: peft's LoRA targets in one head; besides them, what peft trains."""
     check_config(cfg)
-    model = create_backbone(cfg, info)
     patterns = [t.strip() for t in cfg.target_modules.split(",") if t.strip()] or None
-    inject_lte(model, cfg.lte_heads, cfg.lora_rank, cfg.lora_alpha, cfg.lte_merge_mode, patterns)
-    if cfg.bn_stats == "frozen":
-        freeze_bn_stats(model)
+    if cfg.peft == "lte":
+        model = create_backbone(cfg, info)
+        inject_lte(model, cfg.lte_heads, cfg.lora_rank, cfg.lora_alpha, cfg.lte_merge_mode, patterns)
+        if cfg.bn_stats == "frozen":
+            freeze_bn_stats(model)
+        return model
+    rest = "+".join(p for p in cfg.peft.split("+") if p != "lora") or "head"
+    model = apply_peft(create_backbone(cfg, info), replace(peft_config(cfg), method=f"{rest}+head"))
+    inject_lte(model, 1, cfg.lora_rank, cfg.lora_alpha, "resetless", patterns or default_target_modules(model),
+               train_rest=False)
     return model
 
 
@@ -130,11 +150,11 @@ def train_lte(model: nn.Module, data: Split, info: TaskInfo, cfg: RunConfig, *, 
     ``reset`` re-draws the heads first; ``merge=False`` never merges (a plain multi-head LoRA)."""
     if reset:
         reset_lte(model, torch.Generator().manual_seed(seed))
-    data = for_heads(data, cfg.batch_size, cfg.lte_heads)
+    data = for_heads(data, cfg.batch_size, heads(cfg))
     schedule = merge_every(model, cfg.lte_merge_every) if merge else _no_merge()
     with schedule:
         stats = train(model, data, info, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                      weight_decay=cfg.weight_decay, device=device, seed=seed)
+                      weight_decay=cfg.weight_decay, device=device, seed=seed, input_size=cfg.input_size)
     if merge:
         merge_lte(model)
     return stats
@@ -186,7 +206,8 @@ def client_round(model: nn.Module, replica: Replica, payload: State, target: int
     replica = sync(replica, payload, target)
     replicas = global_replicas(payload)
     load(model, replica.base, replicas)
-    stats = train_lte(model.to(device), data, info, cfg, epochs=cfg.local_epochs, device=device, seed=seed)
+    stats = train_lte(model.to(device), data, info, cfg, epochs=cfg.local_epochs, device=device, seed=seed,
+                      merge=cfg.peft == "lte")
     reply = {f"factor/{name}/{k}": t.cpu() for name, layer in lte_layers(model).items()
              for k, t in zip("BA", layer.factors_since_reset())}
     reply |= {f"replica/{k}": v.detach().cpu() - replicas[k] for k, v in replica_state(model).items()}
@@ -246,6 +267,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split)
     if len(data):
         model = _model(cfg)
         load(model, replica.base, global_replicas(payload))
-        result = evaluate(model, data, task_info(cfg.dataset), device=pick_device(cfg.device))
+        result = evaluate(model, data, task_info(cfg.dataset), device=pick_device(cfg.device),
+                          input_size=cfg.input_size)
         metrics |= {"val_loss": result.loss, "val_accuracy": result.accuracy}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -6,7 +6,7 @@ one module with a ``@register_adapter("name")`` function, imported here.
 
 from . import lora, dora, vera, bitfit, norm, head, full  # noqa: F401  (registers components)
 from .api import (adapter_state, apply_peft, count_parameters, load_adapter_state, merge_adapters,
-                  merged_state_dict, unmerge_adapters)
+                  merged_state_dict, resize_ranks, unmerge_adapters)
 from .config import PeftConfig
 from .dora import DoRAConv2d, DoRALinear
 from .galore import GaLoreAdamW, galore_param_groups
@@ -16,7 +16,7 @@ from .vera import VeRAConv2d, VeRALinear
 
 __all__ = [
     "PeftConfig", "apply_peft", "adapter_state", "load_adapter_state", "count_parameters",
-    "merge_adapters", "unmerge_adapters", "merged_state_dict", "register_adapter", "ADAPTERS",
+    "merge_adapters", "unmerge_adapters", "merged_state_dict", "resize_ranks", "register_adapter", "ADAPTERS",
     "default_target_modules", "LoRALinear", "LoRAConv2d", "DoRALinear", "DoRAConv2d", "VeRALinear", "VeRAConv2d",
     "GaLoreAdamW", "galore_param_groups",
 ]

@@ -78,6 +78,31 @@ def load_adapter_state(model: nn.Module, state: dict[str, Tensor], strict: bool 
         targets[k].copy_(state[k])
 
 
+def resize_ranks(state: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with every LoRA factor cut or zero-padded along its rank dimension (rows of
+    ``lora_A``, columns of ``lora_B``) to its shape in ``like``; other tensors as they are.
+
+    How factors of different ranks meet (HetLoRA): a client of rank r takes the first r
+    components of the global factors, and its factors are zero-padded back for averaging.
+    """
+    out = {}
+    for name, t in state.items():
+        target = like.get(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if target is None or t.shape == target.shape or leaf not in ("lora_A", "lora_B"):
+            out[name] = t
+            continue
+        dim = 0 if leaf == "lora_A" else 1
+        if t.dim() != target.dim() or [s for i, s in enumerate(t.shape) if i != dim] != \
+                [s for i, s in enumerate(target.shape) if i != dim]:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} differs from {tuple(target.shape)} beyond the rank")
+        rank = min(t.shape[dim], target.shape[dim])
+        resized = t.new_zeros(target.shape)
+        resized.narrow(dim, 0, rank).copy_(t.narrow(dim, 0, rank))
+        out[name] = resized
+    return out
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; total includes adapter parameters."""
     params = list(model.parameters())

@@ -172,11 +172,12 @@ def _wrap(module: nn.Module, heads: int, rank: int, alpha: float, mode: str) -> 
 
 
 def inject_lte(model: nn.Module, heads: int, rank: int, alpha: float, mode: str = "resetless",
-               patterns: list[str] | None = None) -> list[str]:
+               patterns: list[str] | None = None, train_rest: bool = True) -> list[str]:
     """Wrap Linear/Conv2d layers outside the classifier head in place; return the wrapped names.
 
     ``patterns=None`` wraps every supported layer: LTE trains the whole network through heads.
-    Then only wrapped base weights are frozen; every other parameter trains as a shared replica.
+    Wrapped base weights are frozen; with ``train_rest`` every other parameter trains as a shared
+    replica, otherwise the others keep their ``requires_grad`` (e.g. as ``apply_peft`` set it).
     """
     heads_of_model = classifier_names(model)
     wrapped = []
@@ -190,7 +191,8 @@ def inject_lte(model: nn.Module, heads: int, rank: int, alpha: float, mode: str 
         wrapped.append(name)
     if not wrapped:
         raise ValueError(f"LTE: no supported nn.Linear/nn.Conv2d matched {patterns or 'any layer'}")
-    model.requires_grad_(True)
+    if train_rest:
+        model.requires_grad_(True)
     for layer in lte_layers(model).values():
         layer.weight.requires_grad_(False)
     return wrapped

@@ -31,17 +31,17 @@ def main(grid: Grid, context: Context) -> None:
 def federate(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round; return the run directory. The run config travels in every instruction,
     so each client trains exactly the model and adapters this server aggregates."""
-    if cfg.peft == "lte":
+    if cfg.updates_backbone:
         return lte.federate(grid, cfg)
     central = CentralEvaluation.start(cfg)
-    model = build_model(cfg, central.info).to(central.device)
+    model = build_model(cfg.for_client(None), central.info).to(central.device)  # client-ranks: the largest
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     initial = {k: v for k, v in state.items() if not is_local(k, cfg)}
     local = {k: v for k, v in state.items() if is_local(k, cfg)}  # each client keeps its own; the server its initial
     server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_beta1, cfg.server_beta2,
                                  cfg.server_tau)
     strategy = DeltaFedAvg(
-        initial, AGGREGATORS[cfg.aggregation], server_opt,
+        initial, AGGREGATORS[cfg.aggregation], server_opt, pad_ranks=bool(cfg.client_ranks),
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=min(cfg.min_clients, cfg.num_clients),
     )

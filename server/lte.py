@@ -1,5 +1,6 @@
-"""The server side of federated LTE: merge the clients' low-rank updates into the global backbone
-and broadcast them as low-rank factors, never as the backbone itself.
+"""The server side of federated LTE and of exact LoRA aggregation (``aggregation=exact``): merge
+the clients' low-rank updates into the global backbone and broadcast them as low-rank factors,
+never as the backbone itself.
 
 Each reply holds, per wrapped layer, factors (B_k, A_k) with B_k·A_k = client k's change of that
 weight (its heads' s·B·A since the round's reset, merged or not). The server stacks them with the
@@ -31,7 +32,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from client.config import RunConfig
 from client.lte import Replica, State, base_state, build_lte_model, checksum, load, replica_state, snapshot, sync
-from server.aggregation import weighted_mean
+from server.aggregation import stacked_product_mean, weighted_mean
 from server.evaluation import CentralEvaluation
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,14 @@ class LTEServer:
 
     def aggregate(self, replies: Sequence[tuple[State, float]]) -> None:
         """Merge the example-weighted mean of the clients' B·A deltas; average the replicas."""
-        total = float(sum(w for _, w in replies))
-        layers = sorted({k[7:-2] for k in replies[0][0] if k.startswith("factor/")})
         version = self.version + 1
-        update = {}
-        for layer in layers:
-            update[f"update/{version}/{layer}/B"] = torch.cat(
-                [d[f"factor/{layer}/B"] * (w / total) for d, w in replies], 1)
-            update[f"update/{version}/{layer}/A"] = torch.cat([d[f"factor/{layer}/A"] for d, _ in replies], 0)
-        self.updates[version] = update
-        self.replica = sync(self.replica, update, version)
+        weights = [w for _, w in replies]
+        stacked = stacked_product_mean([{k[7:]: v for k, v in d.items() if k.startswith("factor/")}
+                                        for d, _ in replies], weights)
+        self.updates[version] = {f"update/{version}/{k}": v for k, v in stacked.items()}
+        self.replica = sync(self.replica, self.updates[version], version)
         deltas = [{k[8:]: v for k, v in d.items() if k.startswith("replica/")} for d, _ in replies]
-        mean = weighted_mean(deltas, [w for _, w in replies])
+        mean = weighted_mean(deltas, weights)
         self.replicas = {k: (v + mean[k]).to(v.dtype) for k, v in self.replicas.items()}
 
 
@@ -177,7 +174,7 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     """server/app.py's federate for peft=lte: same run directory, metrics and summary, plus bytes
     per round beside the full model's size."""
     central = CentralEvaluation.start(cfg)
-    model = build_lte_model(cfg, central.info).to(central.device)
+    model = build_lte_model(cfg.for_client(None), central.info).to(central.device)
     server = LTEServer(base_state(model), replica_state(model))
     reply_keys = {f"factor/{k[:-7]}/{f}" for k in server.replica.base for f in "BA"} | \
                  {f"replica/{k}" for k in server.replicas}

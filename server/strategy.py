@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from peft import resize_ranks
 from server.aggregation import Aggregator, Delta
 from server.optimizers import ServerOptimizer
 
@@ -33,8 +34,9 @@ class BadReply(ValueError):
     """A train reply that cannot be aggregated; the message says why."""
 
 
-def parse_reply(msg: Message, reference: Delta) -> tuple[Delta, float]:
-    """The delta and example count of a train reply, checked against the global state."""
+def parse_reply(msg: Message, reference: Delta, pad_ranks: bool = False) -> tuple[Delta, float]:
+    """The delta and example count of a train reply, checked against the global state; with
+    ``pad_ranks``, LoRA factors of a smaller rank are zero-padded to the global rank (HetLoRA)."""
     if msg.has_error():
         reason = msg.error.reason.strip().splitlines() if msg.error.reason else []
         raise BadReply(f"client error {msg.error.code}: {reason[-1] if reason else 'no reason given'}")
@@ -45,6 +47,11 @@ def parse_reply(msg: Message, reference: Delta) -> tuple[Delta, float]:
     if not isinstance(weight, (int, float)) or weight <= 0:
         raise BadReply(f"metric {WEIGHT_KEY!r} missing or not positive: {weight!r}")
     delta = content["arrays"].to_torch_state_dict()
+    if pad_ranks:
+        try:
+            delta = resize_ranks(delta, reference)
+        except ValueError as err:
+            raise BadReply(str(err)) from None
     missing, unexpected = reference.keys() - delta.keys(), delta.keys() - reference.keys()
     if missing or unexpected:
         raise BadReply(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -74,9 +81,10 @@ class DeltaFedAvg(FedAvg):
     """Global state += server optimizer step on aggregate(client deltas), with bad replies dropped."""
 
     def __init__(self, initial_state: Delta, aggregator: Aggregator, server_opt: ServerOptimizer | None = None,
-                 **kwargs) -> None:
+                 pad_ranks: bool = False, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.global_state = initial_state
+        self.pad_ranks = pad_ranks  # client-ranks: smaller LoRA factors are zero-padded (HetLoRA)
         self.aggregator = aggregator
         self.server_opt = server_opt or ServerOptimizer()
         self.round_stats: dict[int, dict[str, float]] = {}  # what metrics.jsonl records per round
@@ -103,7 +111,7 @@ class DeltaFedAvg(FedAvg):
         good: list[tuple[Message, Delta, float]] = []
         for msg in replies:
             try:
-                good.append((msg, *parse_reply(msg, self.global_state)))
+                good.append((msg, *parse_reply(msg, self.global_state, self.pad_ranks)))
             except BadReply as bad:
                 log.warning("round %d: rejected reply from node %d: %s", server_round, msg.metadata.src_node_id, bad)
         stats = self.round_stats[server_round]

@@ -42,7 +42,7 @@ from client.config import ConfigError, RunConfig
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "majority_class_accuracy", "trainable_params",
-               "adapter_bytes", "bytes_up_total", "wall_seconds")
+               "bytes_up_total", "bytes_down_total", "wall_seconds")
 
 
 def expand(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -118,7 +118,9 @@ def collect(planned: list[tuple[str, RunConfig]], out: Path) -> list[dict[str, A
             continue
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        replies = sum(r["num_clients_ok"] for r in rounds)
         rows.append({"run": name, **{k: summary.get(k) for k in RESULT_KEYS},
+                     "bytes_up_per_client_round": round(summary["bytes_up_total"] / max(replies, 1)),
                      "weights": cfg.weights or ("pretrained" if cfg.pretrained else f"random init (seed {cfg.seed})"),
                      "hardware": summary.get("hardware"), "date": summary.get("date"),
                      "accuracy_per_round": [r["test_accuracy"] for r in rounds],
@@ -127,17 +129,18 @@ def collect(planned: list[tuple[str, RunConfig]], out: Path) -> list[dict[str, A
 
 
 def write_reports(rows: list[dict[str, Any]], out: Path, title: str) -> None:
-    columns = ["run", *RESULT_KEYS, "weights", "hardware", "date"]
+    columns = ["run", *RESULT_KEYS, "bytes_up_per_client_round", "weights", "hardware", "date"]
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# {title}", "", "| run | test ACC | test AUC | majority | trainable params | bytes up/client-round "
-             "| bytes up total | wall s | weights |", "|---|---|---|---|---|---|---|---|---|"]
+             "| bytes up total | bytes down total | wall s | weights |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['final_test_accuracy']:.3f} | {r['final_test_auc']:.3f} | "
-                     f"{r['majority_class_accuracy']:.3f} | {r['trainable_params']:,} | {r['adapter_bytes']:,} | "
-                     f"{r['bytes_up_total']:,} | {r['wall_seconds']:.0f} | {r['weights']} |")
+                     f"{r['majority_class_accuracy']:.3f} | {r['trainable_params']:,} | "
+                     f"{r['bytes_up_per_client_round']:,} | {r['bytes_up_total']:,} | {r['bytes_down_total']:,} | "
+                     f"{r['wall_seconds']:.0f} | {r['weights']} |")
     if rows:
         lines += ["", f"Hardware: {rows[0]['hardware']}; dates {min(r['date'] for r in rows)} to "
                       f"{max(r['date'] for r in rows)}."]
@@ -163,9 +166,10 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        ax.scatter(r["bytes_up_total"], r["final_test_accuracy"])
-        ax.annotate(r["run"], (r["bytes_up_total"], r["final_test_accuracy"]), fontsize=6)
-    ax.set(xscale="log", xlabel="bytes sent by clients (total)", ylabel="final test accuracy",
+        sent = r["bytes_up_total"] + r["bytes_down_total"]
+        ax.scatter(sent, r["final_test_accuracy"])
+        ax.annotate(r["run"], (sent, r["final_test_accuracy"]), fontsize=6)
+    ax.set(xscale="log", xlabel="bytes sent, both directions (total)", ylabel="final test accuracy",
            title="Accuracy against bytes")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.config import AGGREGATION_CHOICES, RunConfig
+from client.config import AGGREGATION_CHOICES, ConfigError, RunConfig
 from client.data import load_split, task_info
 from client.engine import pick_device, train
 from client.model import build_model, is_local
@@ -145,3 +145,99 @@ def test_galore_optimizer_from_the_run_config():
     opt = make_optimizer(build_model(cfg, task_info("breastmnist")), cfg)
     assert isinstance(opt, GaLoreAdamW) and opt.param_groups[0]["rank"] == 4
 
+
+
+def _factors(ranks: tuple[int, ...], out: int = 6, inp: int = 5, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"l/B": torch.randn(out, r, generator=g), "l/A": torch.randn(r, inp, generator=g)} for r in ranks]
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 4, 8)])
+def test_exact_equals_the_mean_of_products_and_fedavg_does_not(ranks):
+    clients, weights = _factors(ranks), [1.0, 2.0, 5.0]
+    by_hand = sum(w * (c["l/B"] @ c["l/A"]) for c, w in zip(clients, weights)) / sum(weights)
+    stacked = AGGREGATORS["exact"](clients, weights)
+    assert stacked["l/A"].shape[0] == sum(ranks)  # rank of the update: the sum of the client ranks
+    assert (stacked["l/B"] @ stacked["l/A"] - by_hand).abs().max() <= 1e-5
+    if len(set(ranks)) == 1:  # fedavg needs equal shapes: it averages A and B apart
+        mean = AGGREGATORS["fedavg"](clients, weights)
+        assert (mean["l/B"] @ mean["l/A"] - by_hand).abs().max() > 1e-2
+
+
+def test_exact_merges_mixed_ranks_into_the_backbone():
+    """What the server of aggregation=exact does with the stacked factors: the backbone moves by
+    exactly the weighted mean of the clients' products, whatever their ranks."""
+    from server.lte import LTEServer
+
+    clients = _factors((2, 4, 8), out=4, inp=6)
+    server = LTEServer({"l.weight": torch.ones(4, 6)}, {})
+    server.aggregate([({f"factor/{k}": v for k, v in c.items()}, w) for c, w in zip(clients, (1.0, 1.0, 2.0))])
+    by_hand = (clients[0]["l/B"] @ clients[0]["l/A"] + clients[1]["l/B"] @ clients[1]["l/A"]
+               + 2 * clients[2]["l/B"] @ clients[2]["l/A"]) / 4
+    assert (server.replica.base["l.weight"] - 1 - by_hand).abs().max() <= 1e-5
+
+
+def test_client_ranks_are_cycled_with_one_scale_and_checked():
+    cfg = RunConfig.from_mapping({"peft": "lora+norm", "client-ranks": "4,8,16", "lora-alpha": 16.0})
+    assert [cfg.for_client(p).lora_rank for p in range(4)] == [4, 8, 16, 4]
+    assert cfg.for_client(None).lora_rank == 16
+    assert {c.lora_alpha / c.lora_rank for c in map(cfg.for_client, (0, 1, 2, None))} == {1.0}
+    for bad in ({"client-ranks": "4,x"}, {"client-ranks": "4,0"}, {"client-ranks": "4,8", "aggregation": "median"},
+                {"client-ranks": "4,8", "peft": "vera"}, {"aggregation": "exact", "peft": "norm"},
+                {"aggregation": "exact", "proximal-mu": 0.1}, {"aggregation": "exact", "server-optimizer": "adam"}):
+        with pytest.raises(ConfigError):
+            RunConfig.from_mapping({"peft": "lora", **bad})
+
+
+def test_mixed_ranks_under_fedavg_are_zero_padded(medmnist_root):
+    """HetLoRA's baseline: a rank-2 client trains the first 2 components of the rank-4 global
+    factors and sends rank-2 factors (fewer bytes); the server zero-pads them back."""
+    from client.app import train_handler
+    from server.strategy import parse_reply
+
+    # lora+norm: random-init timm ResNets zero the last BatchNorm γ of each block, which mutes in-block LoRA
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "lora+norm", "client-ranks": "2,4", "local-epochs": 1,
+                                  "data-root": str(medmnist_root), "num-clients": 2})
+    global_state = adapter_state(build_model(cfg.for_client(None), task_info("breastmnist")))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    config = ConfigRecord({**cfg.to_flower(), "server-round": 1})
+    reply = train_handler(Message(RecordDict({"arrays": ArrayRecord(global_state), "config": config}), dst_node_id=7,
+                                  message_type="train"), context)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    name = next(k for k in sent if k.endswith("lora_A"))
+    assert sent[name].shape[0] == 2 and global_state[name].shape[0] == 4
+    assert payload_bytes(reply.content["arrays"]) < 0.75 * payload_bytes(ArrayRecord(global_state))
+    delta, _ = parse_reply(reply, global_state, pad_ranks=True)
+    assert delta[name].shape == global_state[name].shape and not delta[name][2:].any() and delta[name][:2].any()
+    b_name = name[:-1] + "B"
+    assert not delta[b_name][:, 2:].any()
+    with pytest.raises(ValueError):  # without padding, a smaller rank is a malformed reply
+        parse_reply(reply, global_state)
+
+
+def test_exact_federation_with_mixed_ranks(medmnist_root, tmp_path):
+    """aggregation=exact with client-ranks through Flower (in-process Grid): every client's replica
+    equals the server's backbone after every round, uploads are each client's own factors plus its
+    norm and head deltas, and the backbone moves."""
+    import json
+
+    from simulations.run import load_config, simulate
+
+    cfg = load_config(None, [f'data-root="{medmnist_root}"', f'out="{tmp_path}"', 'run-name="exact"',
+                             'model="resnet10t"', 'peft="lora+norm"', 'aggregation="exact"', 'client-ranks="2,4"',
+                             "num-clients=2", "num-server-rounds=2", "local-epochs=1", 'device="cpu"'])
+    run = simulate(cfg, backend="inprocess")
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    from client.lte import base_state, build_lte_model, replica_state
+    from server.lte import nbytes
+
+    info = task_info(cfg.dataset)
+    shapes = {k: (v.shape[0], v[0].numel()) for k, v in base_state(build_lte_model(cfg, info)).items()}
+    replicas = nbytes(replica_state(build_lte_model(cfg, info)))
+    upload = sum(4 * r * (o + i) for r in (2, 4) for o, i in shapes.values()) + 2 * replicas
+    for record in rounds:
+        assert record["num_clients_ok"] == 2 and record["replica_checksum_rel_diff"] < 1e-9
+        assert upload < record["bytes_up"] < upload * 1.05
+    assert summary["final_test_auc"] != summary["initial_test_auc"]
