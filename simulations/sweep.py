@@ -165,10 +165,15 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        sent = r["bytes_up_total"] + r["bytes_down_total"]
-        ax.scatter(sent, r["final_test_accuracy"])
-        ax.annotate(r["run"], (sent, r["final_test_accuracy"]), fontsize=6)
+    groups = sorted({r["run"].rsplit("_", 1)[0] for r in rows})  # one colour per method: names end in "_<axis>"
+    for group in groups:
+        members = [r for r in rows if r["run"].rsplit("_", 1)[0] == group]
+        sent = [r["bytes_up_total"] + r["bytes_down_total"] for r in members]
+        ax.scatter(sent, [r["final_test_accuracy"] for r in members], label=group)
+        for r, x in zip(members, sent):
+            ax.annotate(r["run"][len(group) + 1:], (x, r["final_test_accuracy"]), fontsize=6)
+    if len(groups) > 1:
+        ax.legend(fontsize=6)
     ax.set(xscale="log", xlabel="bytes sent, both directions (total)", ylabel="final test accuracy",
            title="Accuracy against bytes")
     ax.grid(alpha=0.3)
