@@ -9,9 +9,10 @@ Speed: with a frozen base, LoRA saves the weight-gradient GEMM of full
 fine-tuning but the naive side path ``B(A x)`` adds several skinny, memory-bound
 passes over x and dY (forward products, their gradients, add, scale) that eat the
 saving. ``LoRALinear`` therefore trains through ``MergedLoRALinear`` (one GEMM
-through ``W + s B A``; see there). ``LoRAConv2d`` keeps the two-conv side path:
-the same trick needs conv weight-gradient kernels for dA, and no target model of
-ours (ViT, ConvNeXt MLPs) has a conv LoRA layer to gain from it.
+through ``W + s B A``; see there), with the compute-dtype copy of the frozen W
+kept between steps (``LoRALinear.frozen_casts``). ``LoRAConv2d`` keeps the
+two-conv side path: the same trick needs conv weight-gradient kernels for dA, and
+no target model of ours (ViT, ConvNeXt MLPs) has a conv LoRA layer to gain from it.
 
 Frozen-A LoRA (``PeftConfig.lora_freeze_a``): A is regenerated from
 ``lora_seed`` and the module name, so it never travels; only B trains, and the
@@ -120,6 +121,7 @@ class LoRALinear(LoRALayer, nn.Linear):
                  alpha: float = 16.0, dropout: float = 0.0, device=None, dtype=None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_lora(rank, alpha, dropout)
+        self._casts: tuple[tuple, tuple[Tensor | None, ...]] | None = None  # see frozen_casts
 
     @classmethod
     def from_module(cls, module: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
@@ -131,16 +133,54 @@ class LoRALinear(LoRALayer, nn.Linear):
     def _lora_path(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
+    def frozen_casts(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``weight``, ``bias`` and, when frozen, ``lora_A`` in ``dtype`` (None where absent or trainable).
+
+        A frozen base is cast once and reused: re-casting every step re-reads the float32
+        weight (4 bytes/param) and launches a kernel per tensor, and a small model's eager
+        step is bound by such launches. The price is the copy itself, held between steps
+        (2 bytes/param in bf16: 0.17 GiB for ViT-B/16). The cache is keyed on each
+        tensor's storage and version counter, so merge/unmerge, ``load_state_dict``, optimizer
+        steps and ``.to()`` all invalidate it; only writes through ``.data`` escape it.
+        Traced (torch.compile) and inference-mode calls cast afresh: the compiler fuses the
+        casts, and inference tensors must not leak into a later training step.
+        """
+        a = None if self.lora_A.requires_grad else self.lora_A
+        sources = (self.weight, self.bias, a)
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return tuple(None if t is None else t.to(dtype) for t in sources)  # type: ignore[return-value]
+        key = (dtype, *(None if t is None else (t.data_ptr(), t._version) for t in sources))
+        if self._casts is None or self._casts[0] != key:
+            with torch.no_grad():
+                self._casts = key, tuple(None if t is None else t.to(dtype) for t in sources)
+        return self._casts[1]  # type: ignore[return-value]
+
+    def _apply(self, fn, recurse: bool = True):
+        self._casts = None  # a move/cast of the module frees the old copies at once
+        return super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self._casts = None
+        super().merge()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self._casts = None
+        super().unmerge()
+
     def forward(self, x: Tensor) -> Tensor:
-        base_frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
-        if not self.fast or self.merged or (self.lora_dropout and self.training) or not base_frozen:
+        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+        if (not self.fast or self.merged or weight.requires_grad or (bias is not None and bias.requires_grad)
+                or (self.lora_dropout and self.training)):
             return super().forward(x)
         # Compute in the autocast dtype, as F.linear would: no float32 copies of x or W.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        w, b, a = self.frozen_casts(dtype)
         grad = torch.is_grad_enabled()
-        return MergedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dtype,
-                                      grad and self.lora_A.requires_grad, grad and self.lora_B.requires_grad)
+        return MergedLoRALinear.apply(x, w, b, lora_A if a is None else a, lora_B, self.scaling, dtype,
+                                      grad and lora_A.requires_grad, grad and lora_B.requires_grad)
 
 
 class MergedLoRALinear(torch.autograd.Function):
@@ -148,29 +188,38 @@ class MergedLoRALinear(torch.autograd.Function):
 
     With ``h = x A^T`` and ``g = dY B``: dX = dY (W + s B A), dB = s dY^T h,
     dA = s g^T x, so backward reads dY twice and x once beyond the dX GEMM, and
-    saves x only when A trains (frozen A: just h, rank x tokens). Casts to the
-    compute dtype happen inside, not as autograd nodes: in eager mode every node
-    costs CPU time that a small model's step cannot hide.
+    saves x only when A trains (frozen A: just h, rank x tokens).
+
+    Written for eager mode, where a small model's step is CPU-bound and every op
+    costs launch time: ``weight``/``bias`` (and a frozen A) arrive already cast
+    (LoRALinear.frozen_casts), the scale rides in the GEMMs' alpha, and the LoRA
+    gradients leave in the compute dtype; autograd casts each gradient to its
+    input's dtype in C++.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, dtype: torch.dtype, grad_A: bool, grad_B: bool) -> Tensor:
-        a, b, x_c = lora_A.to(dtype), lora_B.to(dtype), x.to(dtype)
-        merged = torch.addmm(weight.to(dtype), b, a, alpha=scaling)
-        x2 = x_c.reshape(-1, x_c.shape[-1])
-        h = x2 @ a.t() if grad_B else None
-        ctx.save_for_backward(merged, b if grad_A else None, x2 if grad_A else None, h)
-        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.lora_dtype = scaling, x.shape, x.dtype, lora_A.dtype
-        return F.linear(x_c, merged, None if bias is None else bias.to(dtype))
+        a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+        b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
+        merged = torch.addmm(weight, b, a, alpha=scaling)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]) if grad_A or grad_B else None
+        h = F.linear(x2, a) if grad_B else None
+        ctx.save_for_backward(merged, a, b, x2 if grad_A else None, h)  # merged alone: dX for frozen A and B
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return F.linear(x, merged, bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        merged, b, x2, h = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(merged.dtype)
-        dx = (dy2 @ merged).view(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        d_A = ((dy2 @ b).t() @ x2).to(ctx.lora_dtype).mul_(ctx.scaling) if x2 is not None else None
-        d_B = (dy2.t() @ h).to(ctx.lora_dtype).mul_(ctx.scaling) if h is not None else None
+        merged, a, b, x2, h = ctx.saved_tensors
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dy2.mm(merged).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        # beta=0: the first argument only gives the output's shape and dtype, it is never read.
+        d_A = torch.addmm(a, dy2.mm(b).t(), x2, beta=0, alpha=s) if x2 is not None else None
+        d_B = torch.addmm(b, dy2.t(), h, beta=0, alpha=s) if h is not None else None
         return dx, None, None, d_A, d_B, None, None, None, None
 
 

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "(hf-peft-lora stays eager)")
     p.add_argument("--compile-models", nargs="+", metavar="MODEL",
                    help="limit the compiled rows to these models (default: all of --models)")
+    p.add_argument("--compile-modes", nargs="+", choices=MODES, metavar="MODE",
+                   help="limit the compiled rows to these modes (default: all of --modes); compiling takes "
+                        "most of a compiled row's time")
     p.add_argument("--batch", type=int, default=128, help="images per step")
     p.add_argument("--img", type=int, default=224, help="input size in pixels (square)")
     p.add_argument("--num-classes", type=int, default=2, help="classifier width of the synthetic rows")
@@ -250,12 +253,13 @@ def run_rows(args: argparse.Namespace, profiles: dict[str, str], on_row: Callabl
     """Measure every (model, compile, mode); ``on_row`` gets the rows so far after each one."""
     device = torch.device(args.device)
     compile_models = set(args.compile_models or args.models)
+    compile_modes = set(args.compile_modes or args.modes)
     rows = []
     for model_name in args.models:
         settings = [False] + ([True] if args.compile and model_name in compile_models else [])
         for compiled in settings:
             for mode in args.modes:
-                if mode == "hf-peft-lora" and compiled:
+                if compiled and (mode == "hf-peft-lora" or mode not in compile_modes):
                     continue
                 reset_device(device)
                 row = {"model": model_name, "mode": mode, "compile": compiled}

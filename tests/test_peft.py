@@ -463,3 +463,100 @@ def test_frozen_a_config_validation():
         PeftConfig(lora_freeze_a=1)
     with pytest.raises(ValueError, match="lora_seed"):
         PeftConfig(lora_seed=-1)
+
+
+def assert_grads_close(got: dict, want: dict, tol: float = 1e-2) -> None:
+    """Same keys; each tensor within ``tol`` relative error (bf16), None where the reference has None."""
+    assert set(got) == set(want)
+    for k in want:
+        if want[k] is None:
+            assert got[k] is None, k
+        else:
+            assert ((got[k] - want[k]).float().norm() / want[k].float().norm()).item() < tol, k
+
+
+def test_frozen_casts_cached_and_invalidated():
+    """The compute-dtype copies of W, b (and a frozen A) are reused across steps and rebuilt
+    whenever one of them changes: optimizer step on W, merge/unmerge, load_state_dict, .to()."""
+    fast, naive = lora_linear_pair(freeze_a=True)
+    x = torch.randn(3, 5, 48)
+
+    def check() -> None:
+        assert_grads_close(grads(fast, x, torch.bfloat16), grads(naive, x, torch.bfloat16))  # merged: no grad for B
+        for layer in (fast, naive):
+            layer.zero_grad(set_to_none=True)
+
+    check()
+    cached = fast.frozen_casts(torch.bfloat16)
+    assert all(t is not None and t.dtype == torch.bfloat16 for t in cached)  # W, b, frozen A
+    assert all(c is n for c, n in zip(cached, fast.frozen_casts(torch.bfloat16)))  # no re-cast
+    assert fast.frozen_casts(torch.float32)[0] is fast.weight  # no copy in the weight's own dtype
+
+    # A few steps of full training on W (naive path), then frozen again: the cache follows W.
+    for layer in (fast, naive):
+        layer.weight.requires_grad_(True)
+        opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+        for _ in range(2):
+            grads(layer, x, torch.bfloat16)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        layer.weight.requires_grad_(False)
+    assert torch.equal(fast.weight, naive.weight) and not torch.equal(fast.weight.bfloat16(), cached[0])
+    check()
+
+    for layer in (fast, naive):
+        layer.merge()
+    assert fast._casts is None
+    check()  # merged: plain forward on the merged weight
+    for layer in (fast, naive):
+        layer.unmerge()
+    check()
+
+    state = {k: v + 0.5 for k, v in naive.state_dict().items()}
+    for layer in (fast, naive):
+        layer.load_state_dict(state)
+    check()
+
+    fast.double(), naive.double()  # a module cast drops the copies (and frees them)
+    assert fast._casts is None
+    fast.float(), naive.float()
+    check()
+
+
+def test_frozen_casts_not_cached_in_inference_mode():
+    fast, naive = lora_linear_pair(freeze_a=True)
+    x = torch.randn(4, 48)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)
+    assert fast._casts is None
+    torch.testing.assert_close(y.float(), naive(x), rtol=2e-2, atol=2e-2)
+    grads(fast, x, torch.bfloat16)  # training afterwards builds a normal cache
+    assert fast._casts is not None and not fast._casts[1][0].is_inference()
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_fast_lora_linear_without_bias_and_compiled(freeze_a):
+    """No bias, and the traced path (torch.compile casts inline instead of caching): one graph,
+    same outputs and gradients as eager."""
+    torch.manual_seed(0)
+    fast = randomized(LoRALinear.from_module(nn.Linear(48, 40, bias=False).requires_grad_(False), rank=4, alpha=8.0))
+    if freeze_a:
+        fast.freeze_a(seed=3)
+    naive = copy.deepcopy(fast)
+    naive.fast = False
+    x = torch.randn(3, 5, 48)
+    want = grads(naive, x, torch.bfloat16)
+    for layer in (fast, torch.compile(copy.deepcopy(fast), backend="aot_eager", fullgraph=True)):
+        assert_grads_close({k.removeprefix("_orig_mod."): v for k, v in grads(layer, x, torch.bfloat16).items()}, want)
+
+
+def test_fast_lora_linear_frozen_factors_still_pass_input_grad():
+    """LoRA factors frozen (e.g. training only norms around an adapted layer): dX still flows."""
+    fast, naive = lora_linear_pair()
+    for layer in (fast, naive):
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+    x = torch.randn(3, 5, 48)
+    want = grads(naive, x, torch.bfloat16)
+    assert set(want) == {"y", "x"}
+    assert_grads_close(grads(fast, x, torch.bfloat16), want)
