@@ -38,7 +38,7 @@ class Shard:
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     cfg = run_config(msg, context)
-    shard = _shard(cfg, _partition_id(context), _num_partitions(context))
+    shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
     seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
     if cfg.updates_backbone:  # LTE and exact aggregation keep a backbone replica per client: client/lte.py
         return lte.handle_train(msg, context, cfg, shard.train, seed)
@@ -60,7 +60,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """The global adapters (with this client's own local-params) on its local validation split."""
     cfg = run_config(msg, context)
-    shard = _shard(cfg, _partition_id(context), _num_partitions(context))
+    shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
     if cfg.updates_backbone:
         return lte.handle_evaluate(msg, context, cfg, shard.val)
     result = evaluate(_load_model(cfg, msg, context), shard.val, task_info(cfg.dataset),
@@ -118,7 +118,7 @@ def _model(cfg: RunConfig) -> tuple[nn.Module, dict[str, Tensor]]:
 
 
 @lru_cache(maxsize=64)
-def _shard(cfg: RunConfig, partition_id: int, num_partitions: int) -> Shard:
+def load_shard(cfg: RunConfig, partition_id: int, num_partitions: int) -> Shard:
     """This client's train and local validation split; same seed, same shard on every run."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")

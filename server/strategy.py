@@ -71,6 +71,7 @@ def _client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
         return {}
     return {
         "slowest_client_train_seconds": max(float(m["train_seconds"]) for m in metrics),
+        "sum_client_train_seconds": sum(float(m["train_seconds"]) for m in metrics),
         "client_img_per_s": sum(float(m["samples_seen"]) / max(float(m["train_seconds"]), 1e-9)
                                 for m in metrics) / len(metrics),
         "client_peak_memory_mb": max(float(m.get("peak_memory_mb", 0.0)) for m in metrics),

@@ -46,8 +46,8 @@ Batch = Callable[[], tuple[Tensor, Tensor]]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "vit_small_patch16_224", "convnext_tiny"],
-                   help="timm model names, each measured in every mode")
+    p.add_argument("--models", nargs="*", default=["vit_base_patch16_224", "vit_small_patch16_224", "convnext_tiny"],
+                   help="timm model names, each measured in every mode (none: no speed rows, no data path)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
                    help="fine-tuning modes; 'full' is the baseline of every ratio; 'lora-naive' is our LoRA "
                         "with the merged-weight path off (the plain W x + s B(A x))")
@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", nargs="*", default=[], metavar="MODEL:MODE[:compile]",
                    help="after measuring these rows, write a torch.profiler table of a few steps to "
                         "<out>.profile.txt")
+    p.add_argument("--federation", nargs="*", metavar="key=value",
+                   help="also measure the federation overhead of a job (run-config overrides on top of "
+                        "simulations.scaling's defaults: 8 clients, PneumoniaMNIST at 224 px, ViT-S, LoRA, 1 local "
+                        "epoch): the clients' training in a bare loop, then the same job under the in-process "
+                        "simulation Grid and under the deployment runtime (SuperLink + SuperNodes on localhost)")
     p.add_argument("--out", default="bench.json", help="JSON output path")
     p.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: JSON job of the HF peft subprocess
     return p.parse_args(argv)
@@ -307,6 +312,67 @@ def data_path(args: argparse.Namespace) -> dict | None:
     return result
 
 
+def bare_client_seconds(overrides: list[str]) -> dict:
+    """Each client's local epoch timed in a plain loop (same model, shard, engine; no Flower), after
+    one untimed epoch that pays CUDA start-up and kernel choice."""
+    from client.app import load_shard
+    from client.data import task_info
+    from client.engine import pick_device, train
+    from client.model import build_model as build_fed_model
+    from simulations.run import load_config
+
+    cfg = load_config(None, overrides)
+    info, device = task_info(cfg.dataset), pick_device(cfg.device)
+    model = build_fed_model(cfg, info).to(device)
+    seconds = []
+    for pid in [0, *range(cfg.num_clients)]:
+        shard = load_shard(cfg, pid, cfg.num_clients)
+        stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, input_size=cfg.input_size)
+        seconds.append(stats["train_seconds"])
+    return {"per_client_s": [round(t, 3) for t in seconds[1:]], "slowest_s": round(max(seconds[1:]), 3),
+            "sum_s": round(sum(seconds[1:]), 3)}
+
+
+def federated_rounds(command: list[str], run_dir: Path) -> dict:
+    """Run one of our federation CLIs; its per-round wall time and bytes, rounds after the first."""
+    done = subprocess.run([sys.executable, "-m", *command], cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        return {"error": f"{' '.join(command[:2])} exited {done.returncode}: {done.stderr[-400:]}"}
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = rounds[1:] or rounds
+    return {"round_seconds": [round(r["round_seconds"], 3) for r in rounds],
+            "steady_round_s": round(statistics.median(r["round_seconds"] for r in steady), 3),
+            "bytes_up_per_client_round": statistics.median(r["bytes_up"] / r["num_clients_ok"] for r in steady)}
+
+
+def federation(overrides: list[str], out: Path) -> dict:
+    """Flower's fixed cost per round around local training (issue 7), both runtimes, one job.
+
+    ``*_overhead_s`` is the issue's figure: steady round wall time minus the slowest client's bare
+    training time. The in-process Grid runs its clients one after another on the one device, so its
+    ``overhead_vs_sum_s`` (round minus the sum of all clients' bare times) is its fixed cost proper.
+    Round wall time includes the clients' validation and the server's test-split evaluation."""
+    from simulations.scaling import DEFAULTS
+
+    stamp = datetime.datetime.now().strftime("%H%M%S")
+    job = [*DEFAULTS, "num-clients=8", "min-clients=8", *overrides, f'out="{out.parent.resolve() / "fed-runs"}"']
+    n = int(next(o.split("=")[1] for o in reversed(job) if o.startswith("num-clients=")))
+    bare = bare_client_seconds(job)
+    sim = federated_rounds(["simulations.run", "--backend", "inprocess", *job, f'run-name="sim-{stamp}"'],
+                           out.parent / "fed-runs" / f"sim-{stamp}")
+    dep = federated_rounds(["simulations.deploy", "--supernodes", str(n), *job, f'run-name="deploy-{stamp}"'],
+                           out.parent / "fed-runs" / f"deploy-{stamp}")
+    for runtime in (sim, dep):
+        if "steady_round_s" in runtime:
+            runtime["overhead_vs_slowest_s"] = round(runtime["steady_round_s"] - bare["slowest_s"], 3)
+            runtime["overhead_vs_sum_s"] = round(runtime["steady_round_s"] - bare["sum_s"], 3)
+    return {"job": job, "bare_client_train": bare, "simulation": sim, "deployment": dep,
+            "simulation_overhead_s": sim.get("overhead_vs_slowest_s"),
+            "deployment_overhead_s": dep.get("overhead_vs_slowest_s"),
+            "bytes_per_client_round": sim.get("bytes_up_per_client_round")}
+
+
 def environment(args: argparse.Namespace, rows: list[dict]) -> tuple[str, dict]:
     device = torch.device(args.device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -345,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(rows: list[dict], data: dict | None = None) -> dict:
+    def save(rows: list[dict], data: dict | None = None, fed: dict | None = None) -> dict:
         """Write the JSON so far: a run cut short by a time limit keeps its finished rows."""
         hardware, versions = environment(args, rows)
         result = {
@@ -357,23 +423,25 @@ def main(argv: list[str] | None = None) -> dict:
                            "memory_format": "channels_last", "data": "synthetic, on the device"},
             "rows": rows,
             "data_path": data,
-            "federation": None,
-            "federation_note": "not measured by this run: needs Flower on the GPU machine (simulation and "
-                               "deployment runtimes); see issue 7",
+            "federation": fed,
         }
         out.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
     profiles: dict[str, str] = {}
     rows = run_rows(args, profiles, save)
-    data = data_path(args)
+    data = data_path(args) if args.models or args.data_model else None
     result = save(rows, data)
+    if args.federation is not None:
+        result = save(rows, data, federation(args.federation, out))
     if profiles:
         out.with_suffix(".profile.txt").write_text("".join(f"== {tag}\n{table}\n\n" for tag, table in profiles.items()))
     print(ratio_table(rows))
     if data:
         print(f"data path ({data['model']}, {data['mode']}, {data['flag']}): {data['medmnist_img_per_s']} vs "
               f"{data['synthetic_img_per_s']} img/s synthetic = {data['ratio']}x")
+    if result["federation"]:
+        print(json.dumps(result["federation"], indent=1))
     return result
 
 
