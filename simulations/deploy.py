@@ -7,6 +7,12 @@ partition through ``--node-config`` and, with ``--gpus``, pinned to one of the l
 follows the run until it ends, and stops every process it started, also on failure or Ctrl-C.
 For real sites, run the same ``flower-supernode`` command on each hospital's machine against the
 SuperLink's address (with TLS) instead of localhost.
+
+``--isolation`` picks who runs the ClientApp. ``process`` (default): each SuperNode runs with
+``--isolation process`` (through ``python -m client.supernode``, which shortens its hard-coded 3 s
+idle poll) and gets one long-lived ``python -m client.executor`` that runs all its messages in one
+process, so torch, the model and the data shard load once per node, not once per message.
+``subprocess``: Flower's stock behaviour, a fresh ``flwr-clientapp`` process per message.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from client.config import PYPROJECT, ConfigError, RunConfig, describe
 from simulations.run import load_config
 
 REPO = PYPROJECT.parent
+ISOLATIONS = ("process", "subprocess")
+STATUS_SECONDS = 15.0  # between `flwr ls` calls (about 1.3 s of CPU each) until summary.json shows up
 
 
 def free_port() -> int:
@@ -45,10 +53,25 @@ def node_config(partition_id: int, num_partitions: int, gpus: list[str], data_ro
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
+def supernode_commands(superlink_port: int, index: int, config: str, isolation: str) -> dict[str, list[str]]:
+    """SuperNode ``index`` and, with isolation ``process``, the executor that runs its ClientApp
+    (the SuperNode then launches nothing itself), by log name."""
+    ours, runtime_port = isolation == "process", free_port()
+    supernode = [sys.executable, "-m", "client.supernode"] if ours else ["flower-supernode"]  # ours: short waits
+    commands = {f"supernode-{index}": [*supernode, "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
+                                       "--isolation", isolation, "--port", str(runtime_port),
+                                       "--node-config", config]}
+    if ours:
+        commands[f"executor-{index}"] = [sys.executable, "-m", "client.executor", "--insecure",
+                                         "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+    return commands
+
+
 class Deployment:
     """A SuperLink and SuperNodes as child processes, each in its own process group, logging to files."""
 
-    def __init__(self, home: Path, num_supernodes: int, gpus: list[str], data_root: str) -> None:
+    def __init__(self, home: Path, num_supernodes: int, gpus: list[str], data_root: str,
+                 isolation: str = "process") -> None:
         self.home, self.procs = home, []
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -59,15 +82,15 @@ class Deployment:
                                   "--port", str(self.port)])
         self._wait_for_port(self.port)
         for i in range(num_supernodes):
-            self._start(f"supernode-{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()), "--node-config", node_config(i, num_supernodes, gpus, data_root)])
+            for name, cmd in supernode_commands(self.port, i, node_config(i, num_supernodes, gpus, data_root),
+                                                isolation).items():
+                self._start(name, cmd)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
 
     def _start(self, name: str, cmd: list[str]) -> None:
         log = (self.home / f"{name}.log").open("w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))  # Ctrl-C here reaches us, not them
 
     def _wait_for_port(self, port: int, timeout: float = 60) -> None:
@@ -86,8 +109,9 @@ class Deployment:
                               timeout=timeout)
 
     def stop(self) -> None:
-        """SuperNodes first, then the SuperLink, each with every process under it: Flower starts
-        its SuperExec and app processes in sessions of their own, so process groups miss them."""
+        """Last started first (each executor, its SuperNode, ..., then the SuperLink), each with every
+        process under it: Flower starts its SuperExec and app processes in sessions of their own, so
+        process groups miss them."""
         for proc in reversed(self.procs):
             tree = [proc.pid, *_descendants(proc.pid)]
             _signal(tree, signal.SIGTERM)
@@ -136,13 +160,13 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
 
 
 def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: Path,
-                   poll_seconds: float = 2.0) -> Path:
+                   poll_seconds: float = 2.0, isolation: str = "process") -> Path:
     """Start the federation, run the app to the end, stop everything; return the run directory."""
     run_dir = Path(cfg.out) / cfg.run_name
     overrides = home / "run-config.toml"
     overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_flower().items()))
     with ExitStack() as stack:
-        fed = Deployment(home, num_supernodes, gpus, cfg.data_root)
+        fed = Deployment(home, num_supernodes, gpus, cfg.data_root, isolation)
         stack.callback(fed.stop)
         submitted = fed.flwr("run", ".", "deploy", "--run-config", str(overrides), "--format", "json")
         try:
@@ -150,10 +174,9 @@ def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: P
         except (json.JSONDecodeError, KeyError):
             raise RuntimeError(f"flwr run did not start the run:\n{submitted.stdout}\n{submitted.stderr}") from None
         print(f"[fedmeld] run {run_id} submitted to the SuperLink on 127.0.0.1:{fed.port}; "
-              f"{num_supernodes} SuperNodes; logs in {home}", flush=True)
-        shown = 0
+              f"{num_supernodes} SuperNodes, isolation {isolation}; logs in {home}", flush=True)
+        shown, checked = 0, -STATUS_SECONDS
         while True:
-            status = _status(fed, run_id)
             metrics = run_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines() if metrics.exists() else []
             for line in lines[shown:]:
@@ -161,8 +184,10 @@ def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: P
                 print(f"[fedmeld] round {r['round']}: test acc {r['test_accuracy']:.4f} auc {r['test_auc']:.4f} "
                       f"clients ok {r['num_clients_ok']} | {r['round_seconds']:.1f} s", flush=True)
             shown = len(lines)
-            if status.startswith("finished"):
-                break
+            if (run_dir / "summary.json").is_file() or time.monotonic() - checked >= STATUS_SECONDS:
+                status, checked = _status(fed, run_id), time.monotonic()
+                if status.startswith("finished"):
+                    break
             time.sleep(poll_seconds)
     if status != "finished:completed" or not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"run {run_id} ended as {status!r}; see {home}/*.log")
@@ -180,11 +205,15 @@ def _status(fed: Deployment, run_id: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0] + " Starts a local SuperLink and SuperNodes, runs, stops them.",
+        description=__doc__.split("\n\n")[0] + " Starts a local SuperLink and SuperNodes, runs, stops them.\n\n"
+        + __doc__.split("\n\n")[2],
         epilog="run-config keys (key = default {choices}):\n" + describe())
     parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes (hospitals) to start; default 2")
     parser.add_argument("--gpus", default="", help="comma-separated GPU indices to spread SuperNodes over "
                                                    "round-robin, e.g. 0,1; empty: each node uses device=auto")
+    parser.add_argument("--isolation", choices=ISOLATIONS, default="process",
+                        help="process (default): one long-lived fedmeld executor per SuperNode runs every "
+                             "message; subprocess: Flower's stock fresh flwr-clientapp process per message")
     parser.add_argument("--home", help="FLWR_HOME for this deployment (state, logs); default: a new temp dir")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a flat table of run-config keys")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
@@ -197,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(args.home or tempfile.mkdtemp(prefix="fedmeld-deploy-"))
     home.mkdir(parents=True, exist_ok=True)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    print(run_deployment(cfg, args.supernodes, gpus, home))
+    print(run_deployment(cfg, args.supernodes, gpus, home, isolation=args.isolation))
     return 0
 
 
