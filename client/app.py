@@ -63,6 +63,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
     if cfg.updates_backbone:
         return lte.handle_evaluate(msg, context, cfg, shard.val)
+    if not len(shard.val):  # a tiny skewed shard can leave nothing to validate on: say so, don't fail
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     result = evaluate(_load_model(cfg, msg, context), shard.val, task_info(cfg.dataset),
                       device=pick_device(cfg.device), input_size=cfg.input_size)
     metrics = MetricRecord({"num-examples": len(shard.val), "val_loss": result.loss,

@@ -130,9 +130,10 @@ class DeltaFedAvg(FedAvg):
         return ArrayRecord(self.global_state), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Client-side validation metrics, weighted; replies that are errors or malformed are skipped."""
+        """Client-side validation metrics, weighted; errors, malformed replies and clients without a
+        validation split are skipped."""
         good = [m for m in replies if not m.has_error() and len(m.content.metric_records) == 1
-                and WEIGHT_KEY in next(iter(m.content.metric_records.values()))]
+                and next(iter(m.content.metric_records.values())).get(WEIGHT_KEY, 0) > 0]
         metrics = self.evaluate_metrics_aggr_fn([m.content for m in good], WEIGHT_KEY) if good else None
         self.round_stats[server_round]["client_val_accuracy"] = float((metrics or {}).get("val_accuracy", math.nan))
         return metrics
