@@ -90,12 +90,12 @@ def method_overrides(preset: str, method: str, common_set: dict[str, Any],
 
 def train_samples_per_round(cfg: RunConfig) -> int:
     """Samples one round trains on: local epochs x the clients' train shards (as client/app.py cuts them)."""
-    from client.app import _shard
+    from client.app import load_shard
     from client.lte import for_heads
 
     total = 0
     for pid in range(cfg.num_clients):
-        data = _shard(cfg, pid, cfg.num_clients).train
+        data = load_shard(cfg, pid, cfg.num_clients).train
         if cfg.peft == "lte":
             data = for_heads(data, cfg.batch_size, cfg.lte_heads)
         n = len(data)
