@@ -42,8 +42,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
     if cfg.updates_backbone:  # LTE and exact aggregation keep a backbone replica per client: client/lte.py
         return lte.handle_train(msg, context, cfg, shard.train, seed)
-    model = _load_model(cfg, msg, context)
-    global_state = resize_ranks(_global_state(msg), _model(cfg)[1])
+    global_state = _global_state(msg, cfg)
+    model = _load_model(cfg, global_state, context)
     stats = train(model, shard.train, task_info(cfg.dataset), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device), input_size=cfg.input_size,
                   seed=seed, prox_mu=cfg.proximal_mu, optimizer=make_optimizer(model, cfg))
@@ -65,26 +65,26 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         return lte.handle_evaluate(msg, context, cfg, shard.val)
     if not len(shard.val):  # a tiny skewed shard can leave nothing to validate on: say so, don't fail
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
-    result = evaluate(_load_model(cfg, msg, context), shard.val, task_info(cfg.dataset),
+    result = evaluate(_load_model(cfg, _global_state(msg, cfg), context), shard.val, task_info(cfg.dataset),
                       device=pick_device(cfg.device), input_size=cfg.input_size)
     metrics = MetricRecord({"num-examples": len(shard.val), "val_loss": result.loss,
                             "val_accuracy": result.accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _load_model(cfg: RunConfig, msg: Message, context: Context) -> nn.Module:
-    """The cached model loaded with this round's state: the global tensors from the message, plus
-    this client's own local-params (its initial values before its first round). Under client-ranks
-    the global LoRA factors are cut to this client's rank."""
+def _load_model(cfg: RunConfig, global_state: dict[str, Tensor], context: Context) -> nn.Module:
+    """The cached model loaded with this round's state: the global tensors, plus this client's own
+    local-params (its initial values before its first round)."""
     model, initial = _model(cfg)
     own = context.state[LOCAL_KEY].to_torch_state_dict() if LOCAL_KEY in context.state else {}
     local = {k: own.get(k, v) for k, v in initial.items() if is_local(k, cfg)}
-    load_adapter_state(model, {**local, **resize_ranks(_global_state(msg), initial)})
+    load_adapter_state(model, {**local, **global_state})
     return model
 
 
-def _global_state(msg: Message) -> dict[str, Tensor]:
-    return msg.content["arrays"].to_torch_state_dict()
+def _global_state(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
+    """The message's global adapter state; under client-ranks, LoRA factors cut to this client's rank."""
+    return resize_ranks(msg.content["arrays"].to_torch_state_dict(), _model(cfg)[1])
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:

@@ -85,8 +85,8 @@ def build_lte_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
         if cfg.bn_stats == "frozen":
             freeze_bn_stats(model)
         return model
-    rest = "+".join(p for p in cfg.peft.split("+") if p != "lora") or "head"
-    model = apply_peft(create_backbone(cfg, info), replace(peft_config(cfg), method=f"{rest}+head"))
+    besides_lora = "+".join([*(p for p in cfg.peft.split("+") if p != "lora"), "head"])
+    model = apply_peft(create_backbone(cfg, info), replace(peft_config(cfg), method=besides_lora))
     inject_lte(model, 1, cfg.lora_rank, cfg.lora_alpha, "resetless", patterns or default_target_modules(model),
                train_rest=False)
     return model

@@ -80,7 +80,7 @@ def test_fedprox_keeps_the_client_near_the_global_model(medmnist_root):
 def test_local_params_never_leave_the_client(medmnist_root):
     """FedPer-style: the head stays home. The reply names and bytes hold only the shared tensors,
     and the client's own head persists in its context between rounds."""
-    from client.app import LOCAL_KEY, _load_model, run_config, train_handler
+    from client.app import LOCAL_KEY, _global_state, _load_model, run_config, train_handler
 
     cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "norm", "local-params": "fc.*", "local-epochs": 1,
                                   "data-root": str(medmnist_root), "num-clients": 2})
@@ -100,7 +100,8 @@ def test_local_params_never_leave_the_client(medmnist_root):
         sent = reply.content["arrays"]
         assert set(sent.keys()) == set(shared) and payload_bytes(sent) == payload_bytes(ArrayRecord(shared))
         heads.append(context.state[LOCAL_KEY].to_torch_state_dict()["fc.weight"])
-        loaded = _load_model(run_config(instruction, context), instruction, context)  # next round's start
+        cfg_now = run_config(instruction, context)
+        loaded = _load_model(cfg_now, _global_state(instruction, cfg_now), context)  # next round's start
         assert torch.equal(loaded.fc.weight.detach().cpu(), heads[-1])
     assert not torch.equal(heads[0], state["fc.weight"]) and not torch.equal(heads[1], heads[0])
 
