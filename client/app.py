@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
@@ -23,6 +23,7 @@ from client.data import Split, load_split, task_info
 from client.engine import evaluate, pick_device, train
 from client.model import build_model, is_local, make_optimizer
 from client.partition import partition, train_val_split
+from client.wire import pack, payload_bytes, unpack
 from peft import adapter_state, load_adapter_state, resize_ranks
 
 app = ClientApp()
@@ -49,10 +50,10 @@ def train_handler(msg: Message, context: Context) -> Message:
                   seed=seed, prox_mu=cfg.proximal_mu, optimizer=make_optimizer(model, cfg))
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     if cfg.local_params:
-        context.state[LOCAL_KEY] = ArrayRecord({k: v for k, v in state.items() if is_local(k, cfg)})
-    arrays = ArrayRecord({k: state[k] - global_state[k] for k in global_state})
+        context.state[LOCAL_KEY] = pack({k: v for k, v in state.items() if is_local(k, cfg)})
+    arrays = pack({k: state[k] - global_state[k] for k in global_state})
     metrics = MetricRecord({"num-examples": len(shard.train), **stats,
-                            "bytes_sent": sum(len(a.data) for a in arrays.values())})
+                            "bytes_sent": payload_bytes(arrays)})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -76,7 +77,7 @@ def _load_model(cfg: RunConfig, global_state: dict[str, Tensor], context: Contex
     """The cached model loaded with this round's state: the global tensors, plus this client's own
     local-params (its initial values before its first round)."""
     model, initial = _model(cfg)
-    own = context.state[LOCAL_KEY].to_torch_state_dict() if LOCAL_KEY in context.state else {}
+    own = unpack(context.state[LOCAL_KEY]) if LOCAL_KEY in context.state else {}
     local = {k: own.get(k, v) for k, v in initial.items() if is_local(k, cfg)}
     load_adapter_state(model, {**local, **global_state})
     return model
@@ -84,7 +85,7 @@ def _load_model(cfg: RunConfig, global_state: dict[str, Tensor], context: Contex
 
 def _global_state(msg: Message, cfg: RunConfig) -> dict[str, Tensor]:
     """The message's global adapter state; under client-ranks, LoRA factors cut to this client's rank."""
-    return resize_ranks(msg.content["arrays"].to_torch_state_dict(), _model(cfg)[1])
+    return resize_ranks(unpack(msg.content["arrays"]), _model(cfg)[1])
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from client.config import ConfigError, RunConfig
 from client.data import Split, TaskInfo, task_info
 from client.engine import evaluate, pick_device, train
 from client.model import create_backbone, peft_config
+from client.wire import pack, payload_bytes, unpack
 from peft import apply_peft, default_target_modules
 from peft.lte import inject_lte, lte_layers, merge_lte, replica_names, reset_lte
 from peft.norm import bn_stats, freeze_bn_stats
@@ -235,32 +236,32 @@ def _initial_base(cfg: RunConfig) -> State:
 def _replica(context: Context, cfg: RunConfig) -> Replica:
     if "lte-base" not in context.state.array_records:
         return Replica(_initial_base(cfg), 0)
-    base = context.state["lte-base"].to_torch_state_dict()
+    base = unpack(context.state["lte-base"])
     return Replica(base, int(context.state["lte-sync"]["version"]))
 
 
 def _store(context: Context, replica: Replica) -> None:
-    context.state["lte-base"] = ArrayRecord(replica.base)
+    context.state["lte-base"] = pack(replica.base)
     context.state["lte-sync"] = ConfigRecord({"version": replica.version})
 
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int) -> Message:
-    payload = msg.content["arrays"].to_torch_state_dict()
+    payload = unpack(msg.content["arrays"])
     target = int(msg.content["lte"]["version"])
     device = pick_device(cfg.device)
     replica, reply, stats = client_round(_model(cfg), _replica(context, cfg), payload, target, data,
                                          task_info(cfg.dataset), cfg, device, seed)
     _store(context, replica)
-    arrays = ArrayRecord(reply)
+    arrays = pack(reply)
     metrics = MetricRecord({"num-examples": len(data), **stats, "lte-version": replica.version,
-                            "bytes_sent": sum(len(a.data) for a in arrays.values())})
+                            "bytes_sent": payload_bytes(arrays)})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split) -> Message:
     """Sync to the round's global model (so every replica matches the server's), then evaluate it
     on the local validation split when there is one."""
-    payload = msg.content["arrays"].to_torch_state_dict()
+    payload = unpack(msg.content["arrays"])
     replica = sync(_replica(context, cfg), payload, int(msg.content["lte"]["version"]))
     _store(context, replica)
     metrics = {"num-examples": len(data), "lte-version": replica.version, "base-checksum": checksum(replica.base)}

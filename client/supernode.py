@@ -45,8 +45,8 @@ class CappedSleep:
 
 def shorten_waits(module: ModuleType, cap: float) -> None:
     """Cap the sleeps of one Flower module at ``cap`` seconds and start its object-pull backoff at
-    50 ms. Here: the SuperNode loop. The ServerApp's grid (``flwr.superlink.grid.http_grid``, which
-    polls for replies every 3 s) has the same two names and takes the same treatment."""
+    50 ms. Here: the SuperNode loop; server/app.py does the same to the ServerApp's deployment grid
+    (``flwr.superlink.grid.http_grid``, which polls for replies every 3 s and has the same two names)."""
     if getattr(module, "time", None) is not time or getattr(module, "pull_objects", None) is not pull_objects:
         raise RuntimeError(f"{module.__name__} is not the module client.supernode was written for (flwr 1.41)")
     module.time = CappedSleep(cap)

@@ -10,9 +10,12 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import HttpGrid, http_grid
 
 from client.config import RunConfig
 from client.model import build_model, is_local
+from client.supernode import shorten_waits
+from client.wire import pack, unpack
 from peft import adapter_state, load_adapter_state, merged_state_dict
 from server import lte
 from server.aggregation import AGGREGATORS
@@ -21,10 +24,17 @@ from server.evaluation import CentralEvaluation
 from server.strategy import DeltaFedAvg
 
 app = ServerApp()
+GRID_SLEEP_CAP = 0.2  # seconds; Flower's deployment Grid sleeps 3 s between polls for replies
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if isinstance(grid, HttpGrid):
+        # Deployment: this process is Flower's flwr-serverapp, started for this one run. Its Grid
+        # (flwr.superlink.grid.http_grid) sleeps 3 s between reply polls and backs off 1 s, 2 s, ...
+        # while a reply's objects arrive: up to 3 s lost per phase, two phases a round. Cap them as
+        # client/supernode.py does for the SuperNode (it refuses a flwr whose module differs from 1.41's).
+        shorten_waits(http_grid, GRID_SLEEP_CAP)
     federate(grid, RunConfig.from_mapping(context.run_config))
 
 
@@ -47,13 +57,13 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     )
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_adapter_state(model, {**local, **arrays.to_torch_state_dict()})
+        load_adapter_state(model, {**local, **unpack(arrays)})
         metrics = central(model, server_round, strategy.round_stats.get(server_round, {}))
         if server_round:
             central.recorder.checkpoint(strategy.global_state, server_round)
         return metrics
 
-    strategy.start(grid, ArrayRecord(initial), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+    strategy.start(grid, pack(initial), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
                    evaluate_fn=central_evaluate)
 

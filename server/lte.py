@@ -32,6 +32,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from client.config import RunConfig
 from client.lte import Replica, State, base_state, build_lte_model, checksum, load, replica_state, snapshot, sync
+from client.wire import pack, payload_bytes, unpack
 from server.aggregation import stacked_product_mean, weighted_mean
 from server.evaluation import CentralEvaluation
 
@@ -81,7 +82,7 @@ class LTEServer:
 def check_reply(msg: Message, expected: set[str]) -> tuple[State, float]:
     if msg.has_error():
         raise ValueError(f"client error {msg.error.code}: {(msg.error.reason or '').strip()[-200:]}")
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = unpack(msg.content["arrays"])
     weight = msg.content["metrics"].get(WEIGHT_KEY, 0)
     if set(state) != expected or weight <= 0:
         raise ValueError("reply tensors or num-examples do not match the LTE protocol")
@@ -113,8 +114,8 @@ class LTEStrategy(FedAvg):
         messages = []
         for node in node_ids:
             payload, catchup = self.server.payload(self.node_versions.get(node, 0))
-            arrays = ArrayRecord(payload)
-            stats["bytes_down"] += sum(len(a.data) for a in arrays.values())
+            arrays = pack(payload)
+            stats["bytes_down"] += payload_bytes(arrays)
             stats["catchup_bytes"] += catchup
             messages.append(Message(RecordDict({"arrays": arrays, "config": config, "lte": version}), message_type=message_type,
                                     dst_node_id=node))
@@ -140,7 +141,7 @@ class LTEStrategy(FedAvg):
                 log.warning("round %d: rejected reply from node %d: %s", server_round, msg.metadata.src_node_id, bad)
         stats = self.round_stats[server_round]
         stats["num_clients_ok"], stats["num_clients_failed"] = len(good), stats["num_sampled"] - len(good)
-        stats["bytes_up"] = sum(sum(len(a.data) for a in m.content["arrays"].values()) for m, _, _ in good)
+        stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _, _ in good)
         if not good:
             return None, None
         for msg, _, _ in good:
@@ -149,7 +150,7 @@ class LTEStrategy(FedAvg):
         metrics = self.train_metrics_aggr_fn([m.content for m, _, _ in good], WEIGHT_KEY)
         stats["train_loss"] = float(metrics.get("train_loss", math.nan))
         stats["samples_seen"] = sum(int(m.content["metrics"]["samples_seen"]) for m, _, _ in good)
-        return ArrayRecord(self.server.replicas), metrics
+        return pack(self.server.replicas), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Node versions, replica fingerprints against the server's, and validation accuracy."""
@@ -186,7 +187,7 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
         load(model, server.replica.base, server.replicas)
         return central(model, server_round, strategy.round_stats.get(server_round, {}))
 
-    strategy.start(grid, ArrayRecord(server.replicas), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+    strategy.start(grid, pack(server.replicas), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
                    evaluate_fn=central_evaluate)
 

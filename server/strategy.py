@@ -2,7 +2,8 @@
 
 It is Flower's FedAvg for sampling and messaging; it overrides aggregation so that a bad reply
 (an error, non-finite tensors, wrong names/shapes/dtypes) is logged and dropped instead of ending
-the run, and it keeps per-round bookkeeping (clients ok/failed, bytes each way, seconds).
+the run, and it keeps per-round bookkeeping (clients ok/failed, bytes each way, seconds). The
+global state and the deltas travel packed into one Array per message (client/wire.py).
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from client.wire import WireError, pack, payload_bytes, unpack
 from peft import resize_ranks
 from server.aggregation import Aggregator, Delta
 from server.optimizers import ServerOptimizer
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
-
-
-def payload_bytes(record: ArrayRecord) -> int:
-    """Serialized size of an ArrayRecord's tensors: what crosses the wire, headers included."""
-    return sum(len(array.data) for array in record.values())
 
 
 class BadReply(ValueError):
@@ -46,7 +43,10 @@ def parse_reply(msg: Message, reference: Delta, pad_ranks: bool = False) -> tupl
     weight = content["metrics"].get(WEIGHT_KEY)
     if not isinstance(weight, (int, float)) or weight <= 0:
         raise BadReply(f"metric {WEIGHT_KEY!r} missing or not positive: {weight!r}")
-    delta = content["arrays"].to_torch_state_dict()
+    try:
+        delta = unpack(content["arrays"])
+    except WireError as err:
+        raise BadReply(str(err)) from None
     if pad_ranks:
         try:
             delta = resize_ranks(delta, reference)
@@ -127,7 +127,7 @@ class DeltaFedAvg(FedAvg):
         metrics = self.train_metrics_aggr_fn([m.content for m, _, _ in good], WEIGHT_KEY)
         stats["train_loss"] = float(metrics.get("train_loss", math.nan))
         stats.update(_client_speed([m.content["metrics"] for m, _, _ in good]))
-        return ArrayRecord(self.global_state), metrics
+        return pack(self.global_state), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side validation metrics, weighted; errors, malformed replies and clients without a

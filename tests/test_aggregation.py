@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.config import AGGREGATION_CHOICES, ConfigError, RunConfig
 from client.data import load_split, task_info
 from client.engine import pick_device, train
 from client.model import build_model, is_local
+from client.wire import pack, unpack
 from peft import adapter_state
 from server.aggregation import AGGREGATORS
 from server.optimizers import ServerOptimizer
@@ -94,12 +95,12 @@ def test_local_params_never_leave_the_client(medmnist_root):
     heads = []
     for server_round in (1, 2):
         config = ConfigRecord({**cfg.to_flower(), "server-round": server_round})
-        instruction = Message(RecordDict({"arrays": ArrayRecord(shared), "config": config}), dst_node_id=7,
+        instruction = Message(RecordDict({"arrays": pack(shared), "config": config}), dst_node_id=7,
                               message_type="train")
         reply = train_handler(instruction, context)
         sent = reply.content["arrays"]
-        assert set(sent.keys()) == set(shared) and payload_bytes(sent) == payload_bytes(ArrayRecord(shared))
-        heads.append(context.state[LOCAL_KEY].to_torch_state_dict()["fc.weight"])
+        assert set(unpack(sent)) == set(shared) and payload_bytes(sent) == payload_bytes(pack(shared))
+        heads.append(unpack(context.state[LOCAL_KEY])["fc.weight"])
         cfg_now = run_config(instruction, context)
         loaded = _load_model(cfg_now, _global_state(instruction, cfg_now), context)  # next round's start
         assert torch.equal(loaded.fc.weight.detach().cpu(), heads[-1])
@@ -115,7 +116,7 @@ def test_ffa_sends_only_b_and_its_mean_is_exact(medmnist_root):
     a, b = build_model(cfg, info), build_model(cfg, info)
     sent = adapter_state(a)
     assert not [k for k in sent if k.endswith("lora_A")] and [k for k in sent if k.endswith("lora_B")]
-    assert payload_bytes(ArrayRecord(sent)) < 0.6 * payload_bytes(ArrayRecord(adapter_state(build_model(plain, info))))
+    assert payload_bytes(pack(sent)) < 0.6 * payload_bytes(pack(adapter_state(build_model(plain, info))))
     layer_a, layer_b = a.layer1[0].conv1, b.layer1[0].conv1
     assert torch.equal(layer_a.lora_A, layer_b.lora_A)  # same A on every node, never sent
     deltas = [{"B": torch.randn_like(layer_a.lora_B)} for _ in range(3)]
@@ -203,12 +204,12 @@ def test_mixed_ranks_under_fedavg_are_zero_padded(medmnist_root):
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config={})
     config = ConfigRecord({**cfg.to_flower(), "server-round": 1})
-    reply = train_handler(Message(RecordDict({"arrays": ArrayRecord(global_state), "config": config}), dst_node_id=7,
+    reply = train_handler(Message(RecordDict({"arrays": pack(global_state), "config": config}), dst_node_id=7,
                                   message_type="train"), context)
-    sent = reply.content["arrays"].to_torch_state_dict()
+    sent = unpack(reply.content["arrays"])
     name = next(k for k in sent if k.endswith("lora_A"))
     assert sent[name].shape[0] == 2 and global_state[name].shape[0] == 4
-    assert payload_bytes(reply.content["arrays"]) < 0.75 * payload_bytes(ArrayRecord(global_state))
+    assert payload_bytes(reply.content["arrays"]) < 0.75 * payload_bytes(pack(global_state))
     delta, _ = parse_reply(reply, global_state, pad_ranks=True)
     assert delta[name].shape == global_state[name].shape and not delta[name][2:].any() and delta[name][:2].any()
     b_name = name[:-1] + "B"

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from client.wire import pack, unpack
 from server.aggregation import AGGREGATORS, weighted_mean
 from server.optimizers import ServerOptimizer
 from server.strategy import DeltaFedAvg, payload_bytes
@@ -42,7 +43,7 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
 def _reply(instruction: Message, delta: dict[str, torch.Tensor] | None, n: int) -> Message:
     if delta is None:
         return Message(Error(code=2, reason="Traceback ...\nRuntimeError: CUDA out of memory"), reply_to=instruction)
-    return Message(RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}),
+    return Message(RecordDict({"arrays": pack(delta), "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}),
                    reply_to=instruction)
 
 
@@ -62,7 +63,7 @@ def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
     strategy = DeltaFedAvg({k: v.clone() for k, v in global_state.items()}, weighted_mean, ServerOptimizer(lr=0.5),
                            min_available_nodes=1, min_train_nodes=1)
     instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(
-        1, ArrayRecord(global_state), ConfigRecord({}), FakeGrid([11, 12, 13, 14, 15, 16, 17]))}
+        1, pack(global_state), ConfigRecord({}), FakeGrid([11, 12, 13, 14, 15, 16, 17]))}
     good = {11: (_state(1), 100), 12: (_state(2), 300)}
     nan = _state(3)
     nan["norm.weight"][2] = math.nan
@@ -77,12 +78,12 @@ def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
     arrays, metrics = strategy.aggregate_train(1, replies)
 
     expected = {k: v + 0.5 * (100 * good[11][0][k] + 300 * good[12][0][k]) / 400 for k, v in global_state.items()}
-    for name, value in arrays.to_torch_state_dict().items():
+    for name, value in unpack(arrays).items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
     stats = strategy.round_stats[1]
     assert (stats["num_clients_ok"], stats["num_clients_failed"]) == (2, 5)
-    assert stats["bytes_up"] == sum(payload_bytes(ArrayRecord(d)) for d, _ in good.values())
-    assert stats["bytes_down"] == payload_bytes(ArrayRecord(global_state)) * 7
+    assert stats["bytes_up"] == sum(payload_bytes(pack(d)) for d, _ in good.values())
+    assert stats["bytes_down"] == payload_bytes(pack(global_state)) * 7
     assert metrics["train_loss"] == pytest.approx(1.0)
     for node, why in [(13, "non-finite"), (14, "expected (4, 6)"), (15, "missing ['norm.weight']"),
                       (16, "CUDA out of memory")]:
@@ -92,7 +93,7 @@ def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
 def test_round_with_no_usable_reply_keeps_the_global_state():
     global_state = _state(0)
     strategy = DeltaFedAvg(dict(global_state), weighted_mean, min_available_nodes=1, min_train_nodes=1)
-    [instruction] = strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord({}), FakeGrid([3]))
+    [instruction] = strategy.configure_train(1, pack(global_state), ConfigRecord({}), FakeGrid([3]))
     assert strategy.aggregate_train(1, [_reply(instruction, None, 0)]) == (None, None)
     assert all(torch.equal(strategy.global_state[k], v) for k, v in global_state.items())
 
@@ -110,14 +111,14 @@ def test_a_failing_client_does_not_stop_the_federation():
     def train(msg, context):
         if context.node_config["partition-id"] == 0:
             raise RuntimeError("disk full")
-        delta = {k: torch.ones_like(v) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
-        return Message(RecordDict({"arrays": ArrayRecord(delta), "metrics": MetricRecord({"num-examples": 10})}),
+        delta = {k: torch.ones_like(v) for k, v in unpack(msg.content["arrays"]).items()}
+        return Message(RecordDict({"arrays": pack(delta), "metrics": MetricRecord({"num-examples": 10})}),
                        reply_to=msg)
 
     start = _state(0)
     strategy = DeltaFedAvg(dict(start), weighted_mean, fraction_evaluate=0.0, min_available_nodes=3)
-    result = strategy.start(InProcessGrid(app, 3), ArrayRecord(start), num_rounds=2)
-    for name, value in result.arrays.to_torch_state_dict().items():
+    result = strategy.start(InProcessGrid(app, 3), pack(start), num_rounds=2)
+    for name, value in unpack(result.arrays).items():
         torch.testing.assert_close(value, start[name] + 2)  # two rounds of +1 from the healthy clients
     assert [(s["num_clients_ok"], s["num_clients_failed"]) for s in strategy.round_stats.values()] == [(2, 1), (2, 1)]
 
@@ -125,7 +126,7 @@ def test_a_failing_client_does_not_stop_the_federation():
 def test_a_client_without_validation_data_replies_and_is_skipped(medmnist_root, task_identity):
     """Dirichlet shards can be tiny: with 3 clients (seed 0) partition 2 keeps no validation images.
     Its evaluate reply says num-examples 0 instead of failing, and the weighted mean skips it."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
     from client.app import evaluate_handler, load_shard
     from client.config import RunConfig
@@ -139,7 +140,7 @@ def test_a_client_without_validation_data_replies_and_is_skipped(medmnist_root, 
     state = adapter_state(build_model(cfg, task_info(cfg.dataset)))
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3},
                       state=RecordDict(), run_config={})
-    msg = Message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(cfg.to_flower())}),
+    msg = Message(RecordDict({"arrays": pack(state), "config": ConfigRecord(cfg.to_flower())}),
                   dst_node_id=7, message_type="evaluate")
     reply = evaluate_handler(msg, context)
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
