@@ -23,6 +23,7 @@ class PeftConfig:
     lora_dropout: float = 0.0
     lora_freeze_a: bool = False  # A regenerated from lora_seed + module name and frozen; only B trains
     lora_seed: int = 0
+    lora_recompute_act: bool = True  # an MLP's GELU output is recomputed in backward, not kept: lora.fold_activations
     vera_rank: int = 256  # rank of VeRA's shared frozen random A, B (only d, b of sizes r, out train)
     vera_seed: int = 0  # VeRA's A, B are regenerated from it on every client
     target_modules: list[str] | None = None  # None -> per-family defaults
@@ -65,6 +66,8 @@ class PeftConfig:
             raise ValueError(f"PeftConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.lora_freeze_a, bool):
             raise ValueError(f"PeftConfig.lora_freeze_a must be a bool, got {self.lora_freeze_a!r}")
+        if not isinstance(self.lora_recompute_act, bool):
+            raise ValueError(f"PeftConfig.lora_recompute_act must be a bool, got {self.lora_recompute_act!r}")
         if isinstance(self.lora_seed, bool) or not isinstance(self.lora_seed, int) or self.lora_seed < 0:
             raise ValueError(f"PeftConfig.lora_seed must be an int >= 0, got {self.lora_seed!r}")
         for key in ("vera_rank", "vera_seed"):

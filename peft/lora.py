@@ -122,6 +122,8 @@ class LoRALinear(LoRALayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_lora(rank, alpha, dropout)
         self._casts: tuple[tuple, tuple[Tensor | None, ...]] | None = None  # see frozen_casts
+        self.register_module("input_act", None)  # a GELU folded in from the layer before: fold_activations
+        self.input_act_mode: str | None = None  # its F.gelu ``approximate``
 
     @classmethod
     def from_module(cls, module: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
@@ -169,58 +171,101 @@ class LoRALinear(LoRALayer, nn.Linear):
         self._casts = None
         super().unmerge()
 
+    def fold_input_act(self, act: nn.Module) -> None:
+        """Apply ``act`` (a GELU) to this layer's input inside the layer (see ``fold_activations``)."""
+        mode = gelu_mode(act)
+        if mode is None:
+            raise ValueError(f"LoRALinear can fold only a GELU activation, got {type(act).__name__}")
+        self.input_act, self.input_act_mode = act, mode
+
     def forward(self, x: Tensor) -> Tensor:
         weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
         if (not self.fast or self.merged or weight.requires_grad or (bias is not None and bias.requires_grad)
                 or (self.lora_dropout and self.training)):
-            return super().forward(x)
+            return super().forward(x if self.input_act is None else self.input_act(x))
         # Compute in the autocast dtype, as F.linear would: no float32 copies of x or W.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         w, b, a = self.frozen_casts(dtype)
-        grad = torch.is_grad_enabled()
         return MergedLoRALinear.apply(x, w, b, lora_A if a is None else a, lora_B, self.scaling, dtype,
-                                      grad and lora_A.requires_grad, grad and lora_B.requires_grad)
+                                      self.input_act_mode, torch.is_grad_enabled())
 
 
 class MergedLoRALinear(torch.autograd.Function):
-    """``y = x (W + s B A)^T + b`` with W and b frozen, in one GEMM as in full fine-tuning.
+    """``y = act(x) (W + s B A)^T + b`` with W and b frozen, in one GEMM as in full fine-tuning.
 
-    With ``h = x A^T`` and ``g = dY B``: dX = dY (W + s B A), dB = s dY^T h,
-    dA = s g^T x, so backward reads dY twice and x once beyond the dX GEMM, and
-    saves x only when A trains (frozen A: just h, rank x tokens).
+    With ``h = act(x) A^T`` and ``g = dY B``: dX = act'(x) * dY (W + s B A), dB = s dY^T h,
+    dA = s g^T act(x), so backward reads dY twice and act(x) once beyond the dX GEMM.
+    Activations kept: act(x) only when A trains (frozen A: just h, rank x tokens); with an
+    ``act`` (GELU, folded in by ``fold_activations``) x instead, which the GELU needed anyway,
+    and act(x) is recomputed in backward (one elementwise pass). A Triton kernel that applied the
+    GELU inside the dA GEMM instead saved up to 90 us of GPU time per call on an H100 but cost
+    ~190 us more CPU time per call, and eager steps are often CPU-bound: not used.
 
-    Written for eager mode, where a small model's step is CPU-bound and every op
-    costs launch time: ``weight``/``bias`` (and a frozen A) arrive already cast
-    (LoRALinear.frozen_casts), the scale rides in the GEMMs' alpha, and the LoRA
-    gradients leave in the compute dtype; autograd casts each gradient to its
-    input's dtype in C++.
+    Written for eager mode, where a step is often CPU-bound and every op costs launch time:
+    ``weight``/``bias`` (and a frozen A) arrive already cast (LoRALinear.frozen_casts), the
+    scale rides in the GEMMs' alpha, and on CUDA the GEMMs write each gradient in the dtype
+    autograd wants (float32 for the LoRA factors and for an input autocast had to cast),
+    which saves a cast kernel and its launch per gradient. Traced (torch.compile), the
+    compiler fuses those casts itself, so the plain ops are used.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, dtype: torch.dtype, grad_A: bool, grad_B: bool) -> Tensor:
+                scaling: float, dtype: torch.dtype, act: str | None, grad: bool) -> Tensor:
+        # needs_input_grad ignores no_grad/inference mode: ``grad`` (grad mode at the call) does not.
+        grad_x, grad_A, grad_B = (grad and ctx.needs_input_grad[i] for i in (0, 3, 4))
         a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
         b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
-        merged = torch.addmm(weight, b, a, alpha=scaling)
         if x.dtype != dtype:
+            ctx.x_dtype = x.dtype  # autocast casts the input: dX must come back in its dtype
             x = x.to(dtype)
-        x2 = x.reshape(-1, x.shape[-1]) if grad_A or grad_B else None
+        else:
+            ctx.x_dtype = dtype
+        x_in = x.reshape(-1, x.shape[-1])
+        x2 = x_in if act is None else F.gelu(x_in, approximate=act)
         h = F.linear(x2, a) if grad_B else None
-        ctx.save_for_backward(merged, a, b, x2 if grad_A else None, h)  # merged alone: dX for frozen A and B
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        return F.linear(x, merged, bias)
+        merged = torch.addmm(weight, b, a, alpha=scaling)
+        keep = x_in if act is not None and (grad_x or grad_A) else (x2 if grad_A else None)
+        # lora_A/lora_B themselves only tell backward their dtype and shape (no copies kept).
+        ctx.save_for_backward(merged if grad_x else None, a, b, keep, h, lora_A, lora_B)
+        ctx.scaling, ctx.act, ctx.x_shape = scaling, act, x.shape
+        ctx.eager_cuda = x.is_cuda and not torch.compiler.is_compiling()
+        y = F.linear(x2, merged, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        merged, a, b, x2, h = ctx.saved_tensors
-        s = ctx.scaling
+        merged, a, b, kept, h, lora_A, lora_B = ctx.saved_tensors
+        s, act, eager_cuda = ctx.scaling, ctx.act, ctx.eager_cuda
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dy2.mm(merged).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        # beta=0: the first argument only gives the output's shape and dtype, it is never read.
-        d_A = torch.addmm(a, dy2.mm(b).t(), x2, beta=0, alpha=s) if x2 is not None else None
-        d_B = torch.addmm(b, dy2.t(), h, beta=0, alpha=s) if h is not None else None
+        dx = d_A = d_B = None
+        if merged is not None:
+            if eager_cuda and act is None and ctx.x_dtype == torch.float32 != merged.dtype:
+                dx = torch.mm(dy2, merged, out_dtype=torch.float32)
+            else:
+                dx = dy2.mm(merged)
+            if act is not None:
+                dx = torch.ops.aten.gelu_backward(dx, kept, approximate=act)
+            dx = dx.view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            g = dy2.mm(b)
+            d_A = _scaled_mm(lora_A, a, g.t(), kept if act is None else F.gelu(kept, approximate=act), s, eager_cuda)
+        if h is not None:
+            d_B = _scaled_mm(lora_B, b, dy2.t(), h, s, eager_cuda)
         return dx, None, None, d_A, d_B, None, None, None, None
+
+
+def _scaled_mm(param: Tensor, like: Tensor, m1: Tensor, m2: Tensor, scaling: float, eager_cuda: bool) -> Tensor:
+    """``scaling * m1 @ m2``, the gradient of ``param`` (``like``: its compute-dtype copy).
+
+    Eager on CUDA, a float32 parameter's gradient leaves the GEMM in float32 (addmm's
+    ``out_dtype``); elsewhere in ``like``'s dtype, and autograd casts it. ``beta=0``: the first
+    argument only gives the output's shape and dtype, it is never read.
+    """
+    if eager_cuda and param.dtype == torch.float32 != like.dtype:
+        return torch.addmm(param, m1, m2, beta=0, alpha=scaling, out_dtype=torch.float32)
+    return torch.addmm(like, m1, m2, beta=0, alpha=scaling)
 
 
 class LoRAConv2d(LoRALayer, nn.Conv2d):
@@ -302,6 +347,40 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) or fnmatchcase(name, p) for p in patterns)
 
 
+_GELU_BY_NAME = {"GELU": "none", "GELUTanh": "tanh"}  # timm.layers' GELU modules (no timm import needed)
+
+
+def gelu_mode(act: nn.Module) -> str | None:
+    """``F.gelu``'s ``approximate`` for a GELU module (torch's or timm's); None for anything else."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    return _GELU_BY_NAME.get(type(act).__name__)
+
+
+def fold_activations(model: nn.Module) -> list[str]:
+    """Move the GELU of each timm ``Mlp`` into its LoRA ``fc2``; return the MLPs' names.
+
+    Why: in ``fc2(gelu(fc1(x)))`` the GELU keeps its input for backward and a LoRA fc2 with a
+    trainable A keeps the GELU's output (for dA): two tokens x hidden activations per block.
+    Folded, fc2 keeps only the GELU's input and recomputes the output in backward, one
+    elementwise pass for about a fifth of a ViT's activation memory. The math is unchanged
+    (same ops, same order); state-dict keys too (GELU has no parameters). Only MLPs whose
+    ``drop1`` is a no-op and ``norm`` an Identity, so nothing else sits between act and fc2.
+    """
+    folded = []
+    for name, mlp in model.named_modules():
+        if type(mlp).__name__ != "Mlp" or not isinstance(getattr(mlp, "fc2", None), LoRALinear):
+            continue
+        act, drop, norm = mlp.act, getattr(mlp, "drop1", None), getattr(mlp, "norm", None)
+        noop_drop = isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0)
+        if gelu_mode(act) is None or not noop_drop or not isinstance(norm, nn.Identity):
+            continue
+        mlp.fc2.fold_input_act(act)
+        mlp.act = nn.Identity()
+        folded.append(name)
+    return folded
+
+
 def module_seed(seed: int, name: str) -> int:
     """A per-module seed that every process derives alike (``hash()`` is salted per process)."""
     return zlib.crc32(f"{seed}:{name}".encode())
@@ -339,3 +418,5 @@ def apply_lora(model: nn.Module, cfg: PeftConfig) -> None:
     patterns = cfg.target_modules or default_target_modules(model)
     inject_lora(model, patterns, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                 frozen_a_seed=cfg.lora_seed if cfg.lora_freeze_a else None)
+    if cfg.lora_recompute_act:
+        fold_activations(model)

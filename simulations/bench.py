@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("full", "hf-peft-lora", "lora", "lora-naive", "lora-frozen-a", "norm", "norm-floor", "head")
+MODES = ("full", "hf-peft-lora", "lora", "lora-naive", "lora-keep-act", "lora-frozen-a", "norm", "norm-floor", "head")
 DEFAULT_MODES = ("full", "hf-peft-lora", "lora", "lora-frozen-a", "norm", "norm-floor", "head")
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 Batch = Callable[[], tuple[Tensor, Tensor]]
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timm model names, each measured in every mode (none: no speed rows, no data path)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
                    help="fine-tuning modes; 'full' is the baseline of every ratio; 'lora-naive' is our LoRA "
-                        "with the merged-weight path off (the plain W x + s B(A x))")
+                        "with the merged-weight path off (the plain W x + s B(A x)); 'lora-keep-act' is our "
+                        "LoRA keeping each MLP's GELU output for backward (PeftConfig.lora_recompute_act=False)")
     p.add_argument("--compile", action="store_true", help="also measure every mode under torch.compile "
                                                           "(hf-peft-lora stays eager)")
     p.add_argument("--compile-models", nargs="+", metavar="MODEL",
@@ -203,10 +204,10 @@ def prepare(model: nn.Module, mode: str, rank: int) -> nn.Module:
                 m.requires_grad_(True)
         model.get_classifier().requires_grad_(True)
         return model
-    methods = {"full": "full", "lora": "lora+head", "lora-naive": "lora+head", "lora-frozen-a": "lora+head",
-               "norm": "norm+head", "head": "head"}
+    methods = {"full": "full", "lora": "lora+head", "lora-naive": "lora+head", "lora-keep-act": "lora+head",
+               "lora-frozen-a": "lora+head", "norm": "norm+head", "head": "head"}
     apply_peft(model, PeftConfig(method=methods[mode], lora_rank=rank, lora_alpha=2.0 * rank,
-                                 lora_freeze_a=mode == "lora-frozen-a"))
+                                 lora_freeze_a=mode == "lora-frozen-a", lora_recompute_act=mode != "lora-keep-act"))
     if mode == "lora-naive":
         for m in model.modules():
             if isinstance(m, LoRALinear):

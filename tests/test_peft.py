@@ -21,6 +21,7 @@ MODELS = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
     "resnet": ("resnet10t", {}),
     "convnext": ("convnext_atto", {}),
+    "convnext-linear": ("convnext_atto", dict(conv_mlp=False)),  # nn.Linear MLPs, as convnext_tiny
     "effnet": ("efficientnet_b0", {}),
 }
 HEADS = {"vit": "head", "resnet": "fc", "convnext": "head.fc", "effnet": "classifier"}
@@ -560,3 +561,110 @@ def test_fast_lora_linear_frozen_factors_still_pass_input_grad():
     want = grads(naive, x, torch.bfloat16)
     assert set(want) == {"y", "x"}
     assert_grads_close(grads(fast, x, torch.bfloat16), want)
+
+
+# --- folded MLP activation (lora_recompute_act) ------------------------------
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd keeps for backward after one forward under bf16 autocast
+    (parameters excluded: they exist anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("family, freeze_a", [("vit", False), ("vit", True), ("convnext-linear", False)])
+def test_folded_gelu_same_outputs_and_grads_less_saved(family, freeze_a):
+    """Folding each MLP's GELU into its LoRA fc2 changes neither outputs nor gradients (float32 and
+    bf16 autocast), nor the state-dict keys; with a trainable A it keeps one tokens x hidden
+    activation less per block for backward (frozen A keeps no input anyway)."""
+    cfg = dict(method="lora+norm+head", lora_freeze_a=freeze_a)
+    folded, kept = adapted(family, **cfg), adapted(family, **cfg, lora_recompute_act=False)
+    perturb(folded)
+    kept.load_state_dict(folded.state_dict())
+    assert folded.state_dict().keys() == kept.state_dict().keys()
+    mlps = [m for m in folded.modules() if type(m).__name__ == "Mlp"]
+    assert mlps and all(isinstance(m.act, nn.Identity) and m.fc2.input_act_mode == "none" for m in mlps)
+    assert not any(isinstance(m.act, nn.Identity) for m in kept.modules() if type(m).__name__ == "Mlp")
+    x = images()
+    for dtype, tol in ((None, 1e-5), (torch.bfloat16, 1e-2)):
+        got, want = ({"y": m(x).float()} for m in (folded, kept))  # outputs
+        for model, out in ((folded, got), (kept, want)):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                y = model(x)
+            (y.float() * torch.linspace(-1, 1, y.shape[-1])).square().sum().backward()
+            out.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert_grads_close(got, want, tol)
+    hidden_bytes = sum(2 * x.shape[0] * tokens * m.fc2.in_features for m, tokens in
+                       zip(mlps, mlp_tokens(folded, x)))
+    saving = saved_bytes(kept, x) - saved_bytes(folded, x)
+    if freeze_a:
+        assert saving == 0
+    else:
+        assert saving == hidden_bytes > 0
+
+
+def mlp_tokens(model: nn.Module, x: torch.Tensor) -> list[int]:
+    """Tokens (rows per image) each MLP's fc2 sees, in module order."""
+    rows: list[int] = []
+    hooks = [m.fc2.register_forward_pre_hook(lambda mod, args: rows.append(args[0][0].numel() // args[0].shape[-1]))
+             for m in model.modules() if type(m).__name__ == "Mlp"]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+def test_folded_gelu_merges_and_falls_back():
+    """A folded fc2 still applies its GELU when merged or on the naive path, and a non-GELU is refused."""
+    model = adapted("vit", "lora+head").eval()
+    perturb(model)
+    x = images()
+    with torch.no_grad():
+        y = model(x)
+        merge_adapters(model)
+        torch.testing.assert_close(model(x), y, **TOL)
+        unmerge_adapters(model)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.fast = False
+        torch.testing.assert_close(model(x), y, **TOL)
+    with pytest.raises(ValueError, match="GELU"):
+        LoRALinear.from_module(nn.Linear(4, 4), rank=2, alpha=2.0).fold_input_act(nn.ReLU())
+    with pytest.raises(ValueError, match="lora_recompute_act"):
+        PeftConfig(lora_recompute_act="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("freeze_a", [False, True])
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_lora_linear_on_cuda_equals_naive(freeze_a, fold, compiled):
+    """On CUDA, eager: gradients leave the GEMMs in float32 (addmm/mm ``out_dtype``); compiled: the
+    plain ops. Both train as the naive path, with and without a folded GELU."""
+    fast, naive = (layer.cuda() for layer in lora_linear_pair(freeze_a))
+    if fold:
+        for layer in (fast, naive):
+            layer.fold_input_act(nn.GELU())
+    x = torch.randn(7, 131, 48, device="cuda", requires_grad=True)  # float32 in: autocast casts it
+    out = []
+    for layer in (torch.compile(fast, backend="aot_eager", fullgraph=True) if compiled else fast, naive):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device="cuda")).square().sum().backward()
+        out.append({"x": x.grad.clone(), **{n.removeprefix("_orig_mod."): p.grad.clone()
+                                             for n, p in layer.named_parameters() if p.requires_grad}})
+        x.grad = None
+    assert all(v.dtype == torch.float32 for v in out[0].values())
+    assert_grads_close(*out)
