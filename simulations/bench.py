@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "LoRA keeping each MLP's GELU output for backward (PeftConfig.lora_recompute_act=False)")
     p.add_argument("--compile", action="store_true", help="also measure every mode under torch.compile "
                                                           "(hf-peft-lora stays eager)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                   help="torch.compile mode of the compiled rows; 'reduce-overhead' replays CUDA graphs, which "
+                        "removes the per-kernel launch cost that bounds small models' steps")
     p.add_argument("--compile-models", nargs="+", metavar="MODEL",
                    help="limit the compiled rows to these models (default: all of --models)")
     p.add_argument("--compile-modes", nargs="+", choices=MODES, metavar="MODE",
@@ -131,7 +135,7 @@ def measure(model: nn.Module, batch_fn: Batch, args: argparse.Namespace, compile
     model.to(device, memory_format=torch.channels_last).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=args.compile_mode) if compiled else model
 
     def step() -> None:
         x, y = batch_fn()
@@ -419,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
             "hardware": hardware, "versions": versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "settings": {k: getattr(args, k) for k in ("batch", "img", "num_classes", "rank", "warmup", "steps",
-                                                       "repeats", "device")}
+                                                       "repeats", "device", "compile_mode")}
                         | {"autocast": "bfloat16", "optimizer": "AdamW (fused on CUDA)",
                            "memory_format": "channels_last", "data": "synthetic, on the device"},
             "rows": rows,
