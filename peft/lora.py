@@ -10,7 +10,9 @@ fine-tuning but the naive side path ``B(A x)`` adds several skinny, memory-bound
 passes over x and dY (forward products, their gradients, add, scale) that eat the
 saving. ``LoRALinear`` therefore trains through ``MergedLoRALinear`` (one GEMM
 through ``W + s B A``; see there), with the compute-dtype copy of the frozen W
-kept between steps (``LoRALinear.frozen_casts``). ``LoRAConv2d`` keeps the
+kept between steps (``LoRALinear.frozen_casts``), and each timm MLP's GELU folded
+into its LoRA fc2 (``fold_activations``: the GELU output is recomputed in backward,
+not kept; ``PeftConfig.lora_recompute_act``). ``LoRAConv2d`` keeps the
 two-conv side path: the same trick needs conv weight-gradient kernels for dA, and
 no target model of ours (ViT, ConvNeXt MLPs) has a conv LoRA layer to gain from it.
 
