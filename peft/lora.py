@@ -219,11 +219,9 @@ class MergedLoRALinear(torch.autograd.Function):
         grad_x, grad_A, grad_B = (grad and ctx.needs_input_grad[i] for i in (0, 3, 4))
         a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
         b = lora_B if lora_B.dtype == dtype else lora_B.to(dtype)
+        ctx.x_dtype = x.dtype  # dX must come back in the input's dtype, also when autocast casts it here
         if x.dtype != dtype:
-            ctx.x_dtype = x.dtype  # autocast casts the input: dX must come back in its dtype
             x = x.to(dtype)
-        else:
-            ctx.x_dtype = dtype
         x_in = x.reshape(-1, x.shape[-1])
         x2 = x_in if act is None else F.gelu(x_in, approximate=act)
         h = F.linear(x2, a) if grad_B else None

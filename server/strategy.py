@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from client.wire import WireError, pack, payload_bytes, unpack
+from client.wire import pack, payload_bytes, unpack
 from peft import resize_ranks
 from server.aggregation import Aggregator, Delta
 from server.optimizers import ServerOptimizer
@@ -45,13 +45,10 @@ def parse_reply(msg: Message, reference: Delta, pad_ranks: bool = False) -> tupl
         raise BadReply(f"metric {WEIGHT_KEY!r} missing or not positive: {weight!r}")
     try:
         delta = unpack(content["arrays"])
-    except WireError as err:
-        raise BadReply(str(err)) from None
-    if pad_ranks:
-        try:
+        if pad_ranks:
             delta = resize_ranks(delta, reference)
-        except ValueError as err:
-            raise BadReply(str(err)) from None
+    except ValueError as err:  # client.wire.WireError is one
+        raise BadReply(str(err)) from None
     missing, unexpected = reference.keys() - delta.keys(), delta.keys() - reference.keys()
     if missing or unexpected:
         raise BadReply(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")

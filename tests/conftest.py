@@ -25,3 +25,14 @@ def tiny_config(medmnist_root: Path, tmp_path: Path) -> dict:
     """Run-config overrides for a small, fast federation on real BreastMNIST."""
     return {"data-root": str(medmnist_root), "model": "resnet10t", "num-clients": 2, "num-server-rounds": 2,
             "local-epochs": 1, "batch-size": 64, "out": str(tmp_path / "runs"), "run-name": "test"}
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages take their run and sender from the runtime's TaskIdentity; stand in for it (for tests that
+    build Flower Messages outside a runtime: ``pytestmark = pytest.mark.usefixtures("task_identity")``)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

@@ -15,7 +15,8 @@ from peft import adapter_state
 from server.aggregation import AGGREGATORS
 from server.optimizers import ServerOptimizer
 from server.strategy import payload_bytes
-from tests.test_server import task_identity  # noqa: F401  (messages need a task identity)
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py: messages need a task identity
 
 
 def _deltas(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -651,8 +651,8 @@ def test_folded_gelu_merges_and_falls_back():
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fast_lora_linear_on_cuda_equals_naive(freeze_a, fold, compiled):
-    """On CUDA, eager: gradients leave the GEMMs in float32 (addmm/mm ``out_dtype``); compiled: the
-    plain ops. Both train as the naive path, with and without a folded GELU."""
+    """On CUDA, eager (gradients written in float32 by addmm/mm ``out_dtype``) and compiled (plain
+    ops) the fast path trains as the naive path, with and without a folded GELU."""
     fast, naive = (layer.cuda() for layer in lora_linear_pair(freeze_a))
     if fold:
         for layer in (fast, naive):

@@ -14,14 +14,7 @@ from server.optimizers import ServerOptimizer
 from server.strategy import DeltaFedAvg, payload_bytes
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Messages take their run and sender from the runtime's TaskIdentity; stand in for it."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
 
 
 class FakeGrid:

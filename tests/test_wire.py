@@ -8,7 +8,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from client.wire import KEY, STYPE, WireError, pack, payload_bytes, unpack
-from tests.test_server import task_identity  # noqa: F401  (autouse: messages need a task identity)
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py: messages need a task identity
 
 
 def _mixed() -> dict[str, torch.Tensor]:
