@@ -25,13 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup  ## the default federated simulation; pass overrides as ARGS="key=value ..."
-	$(PY) -m simulations.run $(ARGS)
+	$(VENV)/bin/fedmeld run $(ARGS)
 
 deploy: setup  ## the same app under Flower's deployment runtime on localhost
-	$(PY) -m simulations.deploy $(ARGS)
+	$(VENV)/bin/fedmeld deploy $(ARGS)
 
+# pytest's own script, not `python -m pytest`: that would put the checkout on sys.path, where
+# its peft/ folder would shadow Hugging Face's `peft` (fedmeld's is fedmeld.peft).
 test: setup  ## the test suite (real MedMNIST files, tiny models, CPU)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

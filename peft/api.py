@@ -12,22 +12,22 @@ from torch import Tensor, nn
 
 from .config import PeftConfig
 from .lora import LoRALayer
+from .lte import MultiLoRALayer
 from .norm import bn_stats, freeze_bn_stats
-from .registry import ADAPTERS
+from .registry import application_order
 from .reparam import ReparamLayer
 
-MERGEABLE = (LoRALayer, ReparamLayer)  # layers with delta_weight/merge/unmerge: LoRA, DoRA, VeRA
+FOLDABLE = (LoRALayer, ReparamLayer)  # layers with delta_weight/fold/unfold: LoRA, DoRA, VeRA
 
 
 def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
-    """Freeze ``model``, apply cfg's components in registry order (in place); return it."""
+    """Freeze ``model``, apply cfg's components (``registry.application_order``) in place; return it."""
     cfg.validate()
     if hasattr(model, "peft_config"):
         raise ValueError("apply_peft: model is already adapted")
     model.requires_grad_(False)
-    for name, apply in ADAPTERS.items():
-        if name in cfg.components:
-            apply(model, cfg)
+    for adapter in application_order(set(cfg.components)):
+        adapter.apply(model, cfg)
     if cfg.bn_stats == "frozen":
         freeze_bn_stats(model)
     model.peft_config = PeftConfig.from_dict(cfg.to_dict())  # a copy: later edits to cfg don't leak in
@@ -109,35 +109,36 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def merge_adapters(model: nn.Module) -> None:
-    """Fold every LoRA/DoRA/VeRA delta into its base weight (no-op for merged layers)."""
+def fold_adapters(model: nn.Module) -> None:
+    """Fold every LoRA/DoRA/VeRA delta into its base weight (no-op for folded layers)."""
     for module in model.modules():
-        if isinstance(module, MERGEABLE):
-            module.merge()
+        if isinstance(module, FOLDABLE):
+            module.fold()
 
 
-def unmerge_adapters(model: nn.Module) -> None:
-    """Undo ``merge_adapters``."""
+def unfold_adapters(model: nn.Module) -> None:
+    """Undo ``fold_adapters``."""
     for module in model.modules():
-        if isinstance(module, MERGEABLE):
-            module.unmerge()
+        if isinstance(module, FOLDABLE):
+            module.unfold()
 
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """State dict of the equivalent plain model: adapters folded in, their own keys dropped.
 
-    Computed without touching the model, so no merge/unmerge rounding drift.
+    Computed without touching the model, so no fold/unfold rounding drift.
     It loads strictly into the un-adapted architecture (same timm name and
-    num_classes).
+    num_classes). LTE's layers give the weight they compute with in eval mode
+    (base + the heads' pending merge).
     """
     state = model.state_dict()
     for name, module in model.named_modules():
-        if isinstance(module, MERGEABLE):
+        if isinstance(module, (*FOLDABLE, MultiLoRALayer)):
             prefix = f"{name}." if name else ""
             own = [k for k, _ in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))]
             for key in set(own) - {"weight", "bias"}:
                 state.pop(prefix + key, None)  # non-persistent buffers (VeRA's A, B) are not in it
-            if not module.merged:
+            if not getattr(module, "folded", False):
                 state[prefix + "weight"] = module.weight + module.delta_weight()
     return state

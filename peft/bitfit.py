@@ -13,7 +13,7 @@ from .config import PeftConfig
 from .registry import register_adapter
 
 
-@register_adapter("bitfit")
+@register_adapter("bitfit", help="the bias terms (BitFit)")
 def apply_bitfit(model: nn.Module, cfg: PeftConfig) -> None:
     for name, p in model.named_parameters():
         if name.rpartition(".")[2] == "bias":

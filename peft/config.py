@@ -12,7 +12,6 @@ from typing import Any
 from .registry import ADAPTERS
 
 BN_STATS = ("aggregate", "frozen")
-WEIGHT_ADAPTERS = ("dora", "lora", "vera")  # each wraps the target layers: at most one per model
 
 
 @dataclass
@@ -23,10 +22,12 @@ class PeftConfig:
     lora_dropout: float = 0.0
     lora_freeze_a: bool = False  # A regenerated from lora_seed + module name and frozen; only B trains
     lora_seed: int = 0
-    lora_recompute_act: bool = True  # an MLP's GELU output is recomputed in backward, not kept: lora.fold_activations
+    lora_recompute_act: bool = True  # an MLP's GELU output is recomputed in backward, not kept: lora.recompute_activations
     vera_rank: int = 256  # rank of VeRA's shared frozen random A, B (only d, b of sizes r, out train)
     vera_seed: int = 0  # VeRA's A, B are regenerated from it on every client
     target_modules: list[str] | None = None  # None -> per-family defaults
+    lte_heads: int = 4  # LTE: parallel LoRA heads per wrapped layer, each on its own micro-batch
+    lte_merge_mode: str = "resetless"  # LTE: how a merge step folds the heads into the base (peft/lte.py)
     bn_stats: str = "aggregate"  # "aggregate" | "frozen", see peft/norm.py
 
     def __post_init__(self) -> None:
@@ -49,9 +50,10 @@ class PeftConfig:
                     f"PeftConfig.method={self.method!r}: unknown component {name!r}; "
                     f"valid components: {sorted(ADAPTERS)}"
                 )
-        if "full" in self.components and len(self.components) > 1:
-            raise ValueError(f"PeftConfig.method={self.method!r}: 'full' must stand alone")
-        wrappers = [name for name in WEIGHT_ADAPTERS if name in self.components]
+        alone = [name for name in self.components if ADAPTERS[name].alone]
+        if alone and len(self.components) > 1:
+            raise ValueError(f"PeftConfig.method={self.method!r}: {alone[0]!r} must stand alone")
+        wrappers = [name for name in self.components if ADAPTERS[name].wraps_weights]
         if len(wrappers) > 1:
             raise ValueError(f"PeftConfig.method={self.method!r}: {wrappers} are mutually exclusive "
                              f"(each adapts the same target layers); choose one")
@@ -70,8 +72,8 @@ class PeftConfig:
             raise ValueError(f"PeftConfig.lora_recompute_act must be a bool, got {self.lora_recompute_act!r}")
         if isinstance(self.lora_seed, bool) or not isinstance(self.lora_seed, int) or self.lora_seed < 0:
             raise ValueError(f"PeftConfig.lora_seed must be an int >= 0, got {self.lora_seed!r}")
-        for key in ("vera_rank", "vera_seed"):
-            value, low = getattr(self, key), 1 if key == "vera_rank" else 0
+        for key in ("vera_rank", "vera_seed", "lte_heads"):
+            value, low = getattr(self, key), 0 if key == "vera_seed" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"PeftConfig.{key} must be an int >= {low}, got {value!r}")
         if self.target_modules is not None and (
@@ -82,6 +84,8 @@ class PeftConfig:
             raise ValueError(
                 f"PeftConfig.target_modules must be None or a non-empty list of str, got {self.target_modules!r}"
             )
+        if self.lte_merge_mode not in ("resetless", "reinit"):
+            raise ValueError(f"PeftConfig.lte_merge_mode={self.lte_merge_mode!r}; valid choices: resetless, reinit")
         if self.bn_stats not in BN_STATS:
             raise ValueError(f"PeftConfig.bn_stats={self.bn_stats!r}; valid choices: {list(BN_STATS)}")
 

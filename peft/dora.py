@@ -8,7 +8,7 @@ the base. The norm is differentiated through (the paper's detach is a memory
 saving for LLMs, not needed here). ``lora_A``/``lora_B`` have LoRA's names and
 shapes, so LoRA-aware aggregation treats DoRA's direction like LoRA.
 
-``merge`` stores ``||V||_c`` (a vector), which is all ``unmerge`` needs to
+``fold`` stores ``||V||_c`` (a vector), which is all ``unfold`` needs to
 recover W from W'.
 """
 
@@ -28,7 +28,7 @@ class DoRALayer(ReparamLayer):
     lora_A: nn.Parameter  # (r, *weight.shape[1:]) as in LoRALayer
     lora_B: nn.Parameter  # (out, r)
     lora_magnitude: nn.Parameter  # (out,)
-    merged_norm: Tensor | None  # ||V||_c at merge time
+    folded_norm: Tensor | None  # ||V||_c at fold time
 
     def _init_adapter(self, rank: int, alpha: float) -> None:
         w = self.weight
@@ -37,7 +37,7 @@ class DoRALayer(ReparamLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(w.new_zeros(w.shape[0], rank))
         self.lora_magnitude = nn.Parameter(self.row_norm(w.detach()))
-        self.register_buffer("merged_norm", None, persistent=False)
+        self.register_buffer("folded_norm", None, persistent=False)
 
     def row_norm(self, weight: Tensor) -> Tensor:
         """``||weight||_c``: the L2 norm of each output row over the input dimension(s)."""
@@ -56,16 +56,16 @@ class DoRALayer(ReparamLayer):
         return v * self._rows(self.lora_magnitude / self.row_norm(v))
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.merged_norm = self.row_norm(self.weight + self.lora_delta())
-        super().merge()
+    def fold(self) -> None:
+        if not self.folded:
+            self.folded_norm = self.row_norm(self.weight + self.lora_delta())
+        super().fold()
 
-    def _unmerged_weight(self) -> Tensor:
-        return self.weight * self._rows(self.merged_norm / self.lora_magnitude) - self.lora_delta()
+    def _unfolded_weight(self) -> Tensor:
+        return self.weight * self._rows(self.folded_norm / self.lora_magnitude) - self.lora_delta()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.lora_alpha}, merged={self.merged}"
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.lora_alpha}, folded={self.folded}"
 
 
 class DoRALinear(DoRALayer, nn.Linear):
@@ -76,7 +76,7 @@ class DoRAConv2d(DoRALayer, nn.Conv2d):
     pass
 
 
-@register_adapter("dora")
+@register_adapter("dora", wraps_weights=True, help="DoRA: a trained magnitude and a LoRA direction per target layer")
 def apply_dora(model: nn.Module, cfg: PeftConfig) -> None:
     inject(model, cfg, {nn.Linear: DoRALinear, nn.Conv2d: DoRAConv2d},
            lambda name, module: {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha})

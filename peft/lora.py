@@ -11,7 +11,7 @@ passes over x and dY (forward products, their gradients, add, scale) that eat th
 saving. ``LoRALinear`` therefore trains through ``MergedLoRALinear`` (one GEMM
 through ``W + s B A``; see there), with the compute-dtype copy of the frozen W
 kept between steps (``LoRALinear.frozen_casts``), and each timm MLP's GELU folded
-into its LoRA fc2 (``fold_activations``: the GELU output is recomputed in backward,
+into its LoRA fc2 (``recompute_activations``: the GELU output is recomputed in backward,
 not kept; ``PeftConfig.lora_recompute_act``). ``LoRAConv2d`` keeps the
 two-conv side path: the same trick needs conv weight-gradient kernels for dA, and
 no target model of ours (ViT, ConvNeXt MLPs) has a conv LoRA layer to gain from it.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PeftConfig
-from .head import classifier_names, in_head
+from .classifier import classifier_names, in_classifier
 from .registry import register_adapter
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class LoRALayer:
         self.lora_A = nn.Parameter(w.new_empty(self.rank, *w.shape[1:]))
         self.lora_B = nn.Parameter(w.new_zeros(w.shape[0], self.rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.merged = False
+        self.folded = False
 
     @torch.no_grad()
     def freeze_a(self, seed: int) -> None:
@@ -86,7 +86,7 @@ class LoRALayer:
 
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
-        if self.merged:
+        if self.folded:
             return y
         if self.lora_dropout:
             x = F.dropout(x, self.lora_dropout, self.training)
@@ -97,25 +97,25 @@ class LoRALayer:
         return (self.scaling * (self.lora_B @ self.lora_A.flatten(1))).view_as(self.weight)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def fold(self) -> None:
         """Fold the LoRA delta into ``weight``; forward then skips the side path.
 
-        A no-op when already merged, so merging a whole model twice is safe.
-        While merged, lora_A/lora_B get no gradients: merge for inference/export.
+        A no-op when already folded, so folding a whole model twice is safe.
+        While folded, lora_A/lora_B get no gradients: fold for inference/export.
         """
-        if not self.merged:
+        if not self.folded:
             self.weight.add_(self.delta_weight())
-            self.merged = True
+            self.folded = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge`` (exact up to float rounding); a no-op when not merged."""
-        if self.merged:
+    def unfold(self) -> None:
+        """Undo ``fold`` (exact up to float rounding); a no-op when not folded."""
+        if self.folded:
             self.weight.sub_(self.delta_weight())
-            self.merged = False
+            self.folded = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.lora_alpha}, merged={self.merged}"
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.lora_alpha}, folded={self.folded}"
 
 
 class LoRALinear(LoRALayer, nn.Linear):
@@ -124,7 +124,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_lora(rank, alpha, dropout)
         self._casts: tuple[tuple, tuple[Tensor | None, ...]] | None = None  # see frozen_casts
-        self.register_module("input_act", None)  # a GELU folded in from the layer before: fold_activations
+        self.register_module("input_act", None)  # a GELU folded in from the layer before: recompute_activations
         self.input_act_mode: str | None = None  # its F.gelu ``approximate``
 
     @classmethod
@@ -144,7 +144,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         weight (4 bytes/param) and launches a kernel per tensor, and a small model's eager
         step is bound by such launches. The price is the copy itself, held between steps
         (2 bytes/param in bf16: 0.17 GiB for ViT-B/16). The cache is keyed on each
-        tensor's storage and version counter, so merge/unmerge, ``load_state_dict``, optimizer
+        tensor's storage and version counter, so fold/unfold, ``load_state_dict``, optimizer
         steps and ``.to()`` all invalidate it; only writes through ``.data`` escape it.
         Traced (torch.compile) and inference-mode calls cast afresh: the compiler fuses the
         casts, and inference tensors must not leak into a later training step.
@@ -164,17 +164,17 @@ class LoRALinear(LoRALayer, nn.Linear):
         return super()._apply(fn, recurse)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def fold(self) -> None:
         self._casts = None
-        super().merge()
+        super().fold()
 
     @torch.no_grad()
-    def unmerge(self) -> None:
+    def unfold(self) -> None:
         self._casts = None
-        super().unmerge()
+        super().unfold()
 
     def fold_input_act(self, act: nn.Module) -> None:
-        """Apply ``act`` (a GELU) to this layer's input inside the layer (see ``fold_activations``)."""
+        """Apply ``act`` (a GELU) to this layer's input inside the layer (see ``recompute_activations``)."""
         mode = gelu_mode(act)
         if mode is None:
             raise ValueError(f"LoRALinear can fold only a GELU activation, got {type(act).__name__}")
@@ -182,7 +182,7 @@ class LoRALinear(LoRALayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
-        if (not self.fast or self.merged or weight.requires_grad or (bias is not None and bias.requires_grad)
+        if (not self.fast or self.folded or weight.requires_grad or (bias is not None and bias.requires_grad)
                 or (self.lora_dropout and self.training)):
             return super().forward(x if self.input_act is None else self.input_act(x))
         # Compute in the autocast dtype, as F.linear would: no float32 copies of x or W.
@@ -199,7 +199,7 @@ class MergedLoRALinear(torch.autograd.Function):
     With ``h = act(x) A^T`` and ``g = dY B``: dX = act'(x) * dY (W + s B A), dB = s dY^T h,
     dA = s g^T act(x), so backward reads dY twice and act(x) once beyond the dX GEMM.
     Activations kept: act(x) only when A trains (frozen A: just h, rank x tokens); with an
-    ``act`` (GELU, folded in by ``fold_activations``) x instead, which the GELU needed anyway,
+    ``act`` (GELU, folded in by ``recompute_activations``) x instead, which the GELU needed anyway,
     and act(x) is recomputed in backward (one elementwise pass). A Triton kernel that applied the
     GELU inside the dA GEMM instead saved up to 90 us of GPU time per call on an H100 but cost
     ~190 us more CPU time per call, and eager steps are often CPU-bound: not used.
@@ -331,7 +331,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear/Conv2d outside the classifier head, by qualified name."""
     heads = classifier_names(model)
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not in_head(name, heads)}
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not in_classifier(name, heads)}
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -357,7 +357,7 @@ def gelu_mode(act: nn.Module) -> str | None:
     return _GELU_BY_NAME.get(type(act).__name__)
 
 
-def fold_activations(model: nn.Module) -> list[str]:
+def recompute_activations(model: nn.Module) -> list[str]:
     """Move the GELU of each timm ``Mlp`` into its LoRA ``fc2``; return the MLPs' names.
 
     Why: in ``fc2(gelu(fc1(x)))`` the GELU keeps its input for backward and a LoRA fc2 with a
@@ -413,10 +413,10 @@ def inject_lora(model: nn.Module, patterns: list[str], rank: int, alpha: float, 
     return wrapped
 
 
-@register_adapter("lora")
+@register_adapter("lora", wraps_weights=True, help="LoRA on the target layers (lora-rank, lora-alpha, target-modules)")
 def apply_lora(model: nn.Module, cfg: PeftConfig) -> None:
     patterns = cfg.target_modules or default_target_modules(model)
     inject_lora(model, patterns, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                 frozen_a_seed=cfg.lora_seed if cfg.lora_freeze_a else None)
     if cfg.lora_recompute_act:
-        fold_activations(model)
+        recompute_activations(model)

@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .head import classifier_names, in_head
+from .classifier import classifier_names, in_classifier
+from .config import PeftConfig
 from .lora import matches, unsupported_reason
+from .registry import register_adapter
 
 MERGE_MODES = ("resetless", "reinit")
 Factors = tuple[Tensor, Tensor]  # (B (out, R), A (R, *in)) with B @ A.flatten(1) shaped like weight.flatten(1)
@@ -88,8 +90,12 @@ class MultiLoRALayer:
         delta = torch.einsum("hor,hri->oi", b, a.flatten(2)) * (self.scaling / self.heads)
         return delta.view_as(self.weight)
 
+    def delta_weight(self) -> Tensor:
+        """What eval mode adds to ``weight``: the pending merge (as ``LoRALayer.delta_weight``)."""
+        return self.pending_delta()
+
     @torch.no_grad()
-    def merge(self, generator: torch.Generator | None = None) -> None:
+    def merge_step(self, generator: torch.Generator | None = None) -> None:
         """Fold the heads' mean update into ``weight`` (see the module docstring for the modes)."""
         self.weight.add_(self.pending_delta().to(self.weight.dtype))
         if self.mode == "resetless":
@@ -179,10 +185,10 @@ def inject_lte(model: nn.Module, heads: int, rank: int, alpha: float, mode: str 
     Wrapped base weights are frozen; with ``train_rest`` every other parameter trains as a shared
     replica, otherwise the others keep their ``requires_grad`` (e.g. as ``apply_peft`` set it).
     """
-    heads_of_model = classifier_names(model)
+    classifiers = classifier_names(model)
     wrapped = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or in_head(name, heads_of_model):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or in_classifier(name, classifiers):
             continue
         if (patterns and not matches(name, patterns)) or unsupported_reason(module):
             continue
@@ -209,9 +215,16 @@ def replica_names(model: nn.Module) -> list[str]:
 
 def merge_lte(model: nn.Module) -> None:
     for layer in lte_layers(model).values():
-        layer.merge()
+        layer.merge_step()
 
 
 def reset_lte(model: nn.Module, generator: torch.Generator | None = None) -> None:
     for layer in lte_layers(model).values():
         layer.reset_heads(generator)
+
+
+@register_adapter("lte", alone=True, wraps_weights=True, updates_backbone=True,
+                  help="LTE: the whole network through lte-heads parallel LoRA heads per layer, merged into the "
+                       "backbone every lte-merge-every steps (everything else trains directly)")
+def apply_lte(model: nn.Module, cfg: PeftConfig) -> None:
+    inject_lte(model, cfg.lte_heads, cfg.lora_rank, cfg.lora_alpha, cfg.lte_merge_mode, cfg.target_modules)

@@ -30,7 +30,7 @@ from .registry import register_adapter
 NORM_TYPES = (nn.LayerNorm, _BatchNorm, nn.GroupNorm)
 
 
-@register_adapter("norm")
+@register_adapter("norm", help="the γ/β of every LayerNorm, BatchNorm and GroupNorm")
 def apply_norm(model: nn.Module, cfg: PeftConfig) -> None:
     for module in model.modules():
         if isinstance(module, NORM_TYPES):

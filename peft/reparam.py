@@ -4,12 +4,12 @@ Such a layer computes its forward with ``adapted_weight()``, a differentiable
 function of the frozen base weight and the adapter's own tensors, so the same
 code serves nn.Linear and nn.Conv2d (a conv kernel is treated as its
 ``(out, in * kh * kw)`` matrix, as LoRAConv2d does) and merging is exact by
-construction: ``merge`` writes ``adapted_weight()`` into ``weight``.
+construction: ``fold`` writes ``adapted_weight()`` into ``weight``.
 
 Layers are adapted in place by swapping the module's class (``adapt``): the base
 ``weight``/``bias`` Parameter objects, their state-dict names, hooks, device
 and train/eval mode stay as they are, and only the adapter's tensors are new.
-``delta_weight``/``merge``/``unmerge``/``merged`` mirror ``lora.LoRALayer``.
+``delta_weight``/``fold``/``unfold``/``folded`` mirror ``lora.LoRALayer``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PeftConfig
-from .head import classifier_names, in_head
+from .classifier import classifier_names, in_classifier
 from .lora import default_target_modules, matches
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class ReparamLayer:
 
     weight: nn.Parameter
     bias: nn.Parameter | None
-    merged: bool
+    folded: bool
 
     @classmethod
     def adapt(cls, module: nn.Module, **kwargs: Any) -> ReparamLayer:
@@ -42,7 +42,7 @@ class ReparamLayer:
         if type(module) is not base:
             raise TypeError(f"{cls.__name__} adapts exactly {base.__name__}, got {type(module).__name__}")
         module.__class__ = cls
-        module.merged = False
+        module.folded = False
         module._init_adapter(**kwargs)
         return module
 
@@ -50,11 +50,11 @@ class ReparamLayer:
         raise NotImplementedError
 
     def adapted_weight(self) -> Tensor:
-        """The weight the layer computes with while unmerged (differentiable in the adapter tensors)."""
+        """The weight the layer computes with while unfolded (differentiable in the adapter tensors)."""
         raise NotImplementedError
 
-    def _unmerged_weight(self) -> Tensor:
-        """The base weight recovered from the merged ``weight`` (called while merged)."""
+    def _unfolded_weight(self) -> Tensor:
+        """The base weight recovered from the folded ``weight`` (called while folded)."""
         raise NotImplementedError
 
     def matrix(self, weight: Tensor) -> Tensor:
@@ -62,11 +62,11 @@ class ReparamLayer:
         return weight.flatten(1)
 
     def delta_weight(self) -> Tensor:
-        """``adapted_weight() - weight``, the change a merge applies (as ``LoRALayer.delta_weight``)."""
+        """``adapted_weight() - weight``, the change a fold applies (as ``LoRALayer.delta_weight``)."""
         return self.adapted_weight() - self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self.folded:
             return super().forward(x)
         weight = self.adapted_weight()
         if isinstance(self, nn.Conv2d):
@@ -74,18 +74,18 @@ class ReparamLayer:
         return F.linear(x, weight, self.bias)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Write the adapted weight into ``weight`` (a no-op when merged); adapter tensors get no gradient then."""
-        if not self.merged:
+    def fold(self) -> None:
+        """Write the adapted weight into ``weight`` (a no-op when folded); adapter tensors get no gradient then."""
+        if not self.folded:
             self.weight.copy_(self.adapted_weight())
-            self.merged = True
+            self.folded = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge`` (exact up to float rounding); a no-op when not merged."""
-        if self.merged:
-            self.weight.copy_(self._unmerged_weight())
-            self.merged = False
+    def unfold(self) -> None:
+        """Undo ``fold`` (exact up to float rounding); a no-op when not folded."""
+        if self.folded:
+            self.weight.copy_(self._unfolded_weight())
+            self.folded = False
 
 
 def inject(model: nn.Module, cfg: PeftConfig, classes: dict[type[nn.Module], type[ReparamLayer]],
@@ -100,7 +100,7 @@ def inject(model: nn.Module, cfg: PeftConfig, classes: dict[type[nn.Module], typ
     heads = classifier_names(model)
     adapted = []
     for name, module in list(model.named_modules()):
-        if in_head(name, heads) or not isinstance(module, (nn.Linear, nn.Conv2d)) or not matches(name, patterns):
+        if in_classifier(name, heads) or not isinstance(module, (nn.Linear, nn.Conv2d)) or not matches(name, patterns):
             continue
         if type(module) not in classes:
             log.info("%s: skipping %s (%s is not exactly nn.Linear/nn.Conv2d)", cfg.method, name,

@@ -58,11 +58,11 @@ class VeRALayer(ReparamLayer):
     def adapted_weight(self) -> Tensor:
         return self.weight + self.delta_weight()
 
-    def _unmerged_weight(self) -> Tensor:
+    def _unfolded_weight(self) -> Tensor:
         return self.weight - self.delta_weight()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, vera_rank={self.vera_A.shape[0]}, merged={self.merged}"
+        return f"{super().extra_repr()}, vera_rank={self.vera_A.shape[0]}, folded={self.folded}"
 
 
 class VeRALinear(VeRALayer, nn.Linear):
@@ -73,7 +73,7 @@ class VeRAConv2d(VeRALayer, nn.Conv2d):
     pass
 
 
-@register_adapter("vera")
+@register_adapter("vera", wraps_weights=True, help="VeRA: frozen random matrices shared per layer shape (vera-rank), trained scaling vectors")
 def apply_vera(model: nn.Module, cfg: PeftConfig) -> None:
     shared: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 

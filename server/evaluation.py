@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import MetricRecord
 
-from client.config import RunConfig
-from client.data import Split, TaskInfo, load_split, task_info
-from client.engine import evaluate, pick_device
-from server.report import RunRecorder, default_run_name, make_run_dir
+from fedmeld.task.config import RunConfig
+from fedmeld.task.data import Split, TaskInfo, load_split, task_info
+from fedmeld.task.engine import evaluate, pick_device
+from fedmeld.task.wire import nbytes
+from fedmeld.server.report import RunRecorder, default_run_name, make_run_dir
 
 
 @dataclass
@@ -40,10 +40,18 @@ class CentralEvaluation:
         self.recorder.log_evaluation(server_round, metrics, round_stats, self.cfg.num_server_rounds)
         return MetricRecord(metrics)
 
-    def finish(self, model: torch.nn.Module, plain_state: dict[str, torch.Tensor], **extra: Any) -> Path:
-        """Export ``plain_state`` (loads into plain timm) and write summary.json; return the run directory."""
+    def finish(self, model: torch.nn.Module, plain_state: dict[str, torch.Tensor],
+               global_state: dict[str, torch.Tensor]) -> Path:
+        """Export ``plain_state`` (loads into plain timm) and write summary.json, with the sizes every
+        protocol reports; return the run directory."""
         export = self.recorder.export_model(plain_state, {
             "timm_model": self.cfg.model, "num_classes": str(self.info.num_classes),
             "in_chans": str(self.info.in_chans), "image_size": str(self.cfg.model_size)})
-        self.recorder.finish(self.cfg, model, self.test.labels, self.train_labels, export, **extra)
+        rounds = self.recorder.rounds
+        self.recorder.finish(
+            self.cfg, model, self.test.labels, self.train_labels, export,
+            global_state_bytes=nbytes(global_state), full_model_bytes=nbytes(plain_state),
+            bytes_per_client_round=sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
+            / max(sum(r["num_clients_ok"] for r in rounds), 1),
+            samples_seen=sum(r["samples_seen"] for r in rounds))
         return self.recorder.run_dir

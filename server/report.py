@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from client.config import RunConfig
+from fedmeld.task.config import RunConfig
 
 ROUND_KEYS = ("round", "test_accuracy", "test_auc", "test_loss", "train_loss", "num_clients_ok",
               "num_clients_failed", "bytes_up", "bytes_down", "round_seconds")
@@ -103,7 +103,7 @@ class RunRecorder:
     def finish(self, cfg: RunConfig, model: torch.nn.Module, test_labels: torch.Tensor,
                train_labels: torch.Tensor, export: Path, **extra: Any) -> None:
         """summary.json (the fields every run has, plus ``extra``) and the plot."""
-        from peft import count_parameters
+        from fedmeld.peft import count_parameters
 
         majority = int(train_labels[:, 0].mode().values)
         trainable, total = count_parameters(model)

@@ -1,9 +1,11 @@
-"""A Flower strategy whose clients send adapter deltas instead of weights.
+"""The one federation strategy: Flower's FedAvg for sampling and messaging, with the protocol
+(what travels, how replies become the next global model) as a small pluggable object.
 
-It is Flower's FedAvg for sampling and messaging; it overrides aggregation so that a bad reply
-(an error, non-finite tensors, wrong names/shapes/dtypes) is logged and dropped instead of ending
-the run, and it keeps per-round bookkeeping (clients ok/failed, bytes each way, seconds). The
-global state and the deltas travel packed into one Array per message (client/wire.py).
+Every protocol shares this round skeleton: per-node messages built from the protocol's payload,
+every train reply checked by one validator (``parse_reply``: errors, missing records, names,
+shapes, dtypes, finiteness) and dropped with a log line instead of ending the run, and the same
+per-round bookkeeping (``ROUND_STATS``: clients ok/failed, bytes each way, seconds, speed) for
+metrics.jsonl. Tensors travel packed into one Array per message (``task/wire.py``).
 """
 
 from __future__ import annotations
@@ -11,126 +13,203 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from torch import nn
 
-from client.wire import pack, payload_bytes, unpack
-from peft import resize_ranks
-from server.aggregation import Aggregator, Delta
-from server.optimizers import ServerOptimizer
+from fedmeld.task.wire import pack, payload_bytes, unpack
 
 log = logging.getLogger(__name__)
+State = dict[str, torch.Tensor]
 WEIGHT_KEY = "num-examples"
+# What metrics.jsonl records for every round, whatever the protocol (NaN where a round has no value).
+ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "bytes_down", "bytes_up", "catchup_bytes",
+               "train_loss", "client_val_accuracy", "samples_seen", "slowest_client_train_seconds",
+               "sum_client_train_seconds", "client_img_per_s", "client_peak_memory_mb", "backbone_checksum_rel_diff")
 
 
 class BadReply(ValueError):
     """A train reply that cannot be aggregated; the message says why."""
 
 
-def parse_reply(msg: Message, reference: Delta, pad_ranks: bool = False) -> tuple[Delta, float]:
-    """The delta and example count of a train reply, checked against the global state; with
-    ``pad_ranks``, LoRA factors of a smaller rank are zero-padded to the global rank (HetLoRA)."""
+@dataclass(frozen=True)
+class Reply:
+    """A train reply that passed ``parse_reply``."""
+
+    node_id: int
+    state: State
+    weight: float
+    metrics: MetricRecord
+
+
+class Protocol(ABC):
+    """What travels between server and clients and how the replies change the global model."""
+
+    required_metrics: tuple[str, ...] = ()  # reply metrics the protocol reads, besides num-examples
+
+    @abstractmethod
+    def payload(self, node_id: int) -> tuple[State, dict[str, ConfigRecord], int]:
+        """The tensors for ``node_id``, extra records for the message, and the bytes of catch-up
+        (what the node gets beyond the round's own update)."""
+
+    @abstractmethod
+    def expected(self) -> Mapping[str, tuple[tuple[int | None, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor a train reply holds; ``None`` matches any size."""
+
+    def prepare(self, state: State) -> State:
+        """A reply's tensors made comparable with ``expected`` (e.g. zero-padded ranks);
+        raises ValueError for tensors that cannot be."""
+        return state
+
+    @abstractmethod
+    def aggregate(self, replies: list[Reply]) -> None:
+        """Turn the round's good replies into the next global model."""
+
+    def observe_evaluation(self, replies: list[Message]) -> dict[str, float]:
+        """Round stats from the evaluate replies (e.g. whether every replica equals the server's)."""
+        return {}
+
+    @abstractmethod
+    def load_into(self, model: nn.Module) -> None:
+        """Make ``model`` compute the current global model (central evaluation, export)."""
+
+    @abstractmethod
+    def global_state(self) -> State:
+        """What a checkpoint holds."""
+
+    @abstractmethod
+    def export_state(self, model: nn.Module) -> State:
+        """The global model as a plain timm state dict (``model`` is loaded first)."""
+
+
+def parse_reply(msg: Message, protocol: Protocol) -> Reply:
+    """A train reply checked against what the protocol expects; BadReply says what is wrong."""
     if msg.has_error():
         reason = msg.error.reason.strip().splitlines() if msg.error.reason else []
         raise BadReply(f"client error {msg.error.code}: {reason[-1] if reason else 'no reason given'}")
     content = msg.content
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         raise BadReply("reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord")
-    weight = content["metrics"].get(WEIGHT_KEY)
+    metrics = content["metrics"]
+    weight = metrics.get(WEIGHT_KEY)
     if not isinstance(weight, (int, float)) or weight <= 0:
         raise BadReply(f"metric {WEIGHT_KEY!r} missing or not positive: {weight!r}")
+    missing_metrics = [k for k in protocol.required_metrics if k not in metrics]
+    if missing_metrics:
+        raise BadReply(f"metrics {missing_metrics} missing")
     try:
-        delta = unpack(content["arrays"])
-        if pad_ranks:
-            delta = resize_ranks(delta, reference)
-    except ValueError as err:  # client.wire.WireError is one
+        state = protocol.prepare(unpack(content["arrays"]))
+    except ValueError as err:  # fedmeld.task.wire.WireError is one
         raise BadReply(str(err)) from None
-    missing, unexpected = reference.keys() - delta.keys(), delta.keys() - reference.keys()
+    expected = protocol.expected()
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         raise BadReply(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    for name, ref in reference.items():
-        got = delta[name]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            raise BadReply(f"{name}: got {tuple(got.shape)} {got.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
+    for name, (shape, dtype) in expected.items():
+        got = state[name]
+        if len(got.shape) != len(shape) or any(s is not None and g != s for g, s in zip(got.shape, shape)) \
+                or got.dtype != dtype:
+            want = tuple("r" if s is None else s for s in shape)
+            raise BadReply(f"{name}: got {tuple(got.shape)} {got.dtype}, expected {want} {dtype}")
         if got.is_floating_point() and not torch.isfinite(got).all():
             raise BadReply(f"{name}: non-finite values")
-    return delta, float(weight)
+    return Reply(msg.metadata.src_node_id, state, float(weight), metrics)
 
 
-def _client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
+def client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
     """Per-client training speed and memory, for overhead and scaling studies (the weighted
     means Flower aggregates would hide the slowest client)."""
-    if not all({"train_seconds", "samples_seen"} <= m.keys() for m in metrics):
-        return {}
+    seconds = [float(m.get("train_seconds", math.nan)) for m in metrics]
     return {
-        "slowest_client_train_seconds": max(float(m["train_seconds"]) for m in metrics),
-        "sum_client_train_seconds": sum(float(m["train_seconds"]) for m in metrics),
-        "client_img_per_s": sum(float(m["samples_seen"]) / max(float(m["train_seconds"]), 1e-9)
-                                for m in metrics) / len(metrics),
-        "client_peak_memory_mb": max(float(m.get("peak_memory_mb", 0.0)) for m in metrics),
+        "samples_seen": sum(int(m.get("samples_seen", 0)) for m in metrics),
+        "slowest_client_train_seconds": max(seconds),
+        "sum_client_train_seconds": sum(seconds),
+        "client_img_per_s": sum(float(m.get("samples_seen", math.nan)) / max(s, 1e-9)
+                                for m, s in zip(metrics, seconds)) / len(metrics),
+        "client_peak_memory_mb": max(float(m.get("peak_memory_mb", math.nan)) for m in metrics),
     }
 
 
-class DeltaFedAvg(FedAvg):
-    """Global state += server optimizer step on aggregate(client deltas), with bad replies dropped."""
+class FedmeldStrategy(FedAvg):
+    """FedAvg's sampling and messaging around a ``Protocol``, with bad replies dropped."""
 
-    def __init__(self, initial_state: Delta, aggregator: Aggregator, server_opt: ServerOptimizer | None = None,
-                 pad_ranks: bool = False, **kwargs) -> None:
+    def __init__(self, protocol: Protocol, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
-        self.global_state = initial_state
-        self.pad_ranks = pad_ranks  # client-ranks: smaller LoRA factors are zero-padded (HetLoRA)
-        self.aggregator = aggregator
-        self.server_opt = server_opt or ServerOptimizer()
+        self.protocol = protocol
         self.round_stats: dict[int, dict[str, float]] = {}  # what metrics.jsonl records per round
+
+    def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, min_nodes: int,
+                  message_type: str) -> list[Message]:
+        """One message per sampled node, each with the protocol's payload for that node."""
+        if fraction == 0.0:
+            return []
+        sample_size = max(int(len(list(grid.get_node_ids())) * fraction), min_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        config = ConfigRecord({**config, "server-round": server_round})
+        stats = self.round_stats.setdefault(server_round, {
+            "round_start": time.perf_counter(), **dict.fromkeys(ROUND_STATS, math.nan),
+            "num_sampled": 0, "num_clients_ok": 0, "num_clients_failed": 0, "bytes_down": 0, "bytes_up": 0,
+            "catchup_bytes": 0, "samples_seen": 0})
+        packed: tuple[int, ArrayRecord] | None = None  # a payload shared by every node is packed once
+        messages = []
+        for node in node_ids:
+            state, records, catchup = self.protocol.payload(node)
+            if packed is None or packed[0] != id(state):
+                packed = (id(state), pack(state))
+            stats["bytes_down"] += payload_bytes(packed[1])
+            stats["catchup_bytes"] += catchup
+            content = RecordDict({"arrays": packed[1], "config": config, **records})
+            messages.append(Message(content, message_type=message_type, dst_node_id=node))
+        return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.round_stats[server_round] = {
-            "round_start": time.perf_counter(), "num_sampled": len(messages),
-            "bytes_down": payload_bytes(arrays) * len(messages), "bytes_up": 0,
-            "num_clients_ok": 0, "num_clients_failed": len(messages), "train_loss": math.nan,
-            "client_val_accuracy": math.nan,
-        }
+        messages = self._messages(server_round, config, grid, self.fraction_train, self.min_train_nodes,
+                                  MessageType.TRAIN)
+        self.round_stats[server_round].update(num_sampled=len(messages), num_clients_failed=len(messages))
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.round_stats[server_round]["bytes_down"] += payload_bytes(arrays) * len(messages)
-        return messages
+        return self._messages(server_round, config, grid, self.fraction_evaluate, self.min_evaluate_nodes,
+                              MessageType.EVALUATE)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good: list[tuple[Message, Delta, float]] = []
+        good: list[tuple[Message, Reply]] = []
         for msg in replies:
             try:
-                good.append((msg, *parse_reply(msg, self.global_state, self.pad_ranks)))
+                good.append((msg, parse_reply(msg, self.protocol)))
             except BadReply as bad:
                 log.warning("round %d: rejected reply from node %d: %s", server_round, msg.metadata.src_node_id, bad)
         stats = self.round_stats[server_round]
         stats["num_clients_ok"] = len(good)
         stats["num_clients_failed"] = stats["num_sampled"] - len(good)  # errors, rejects and timeouts
-        stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _, _ in good)
+        stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _ in good)
         if not good:
-            log.warning("round %d: no usable replies; the global state is unchanged", server_round)
+            log.warning("round %d: no usable replies; the global model is unchanged", server_round)
             return None, None
-        step = self.server_opt.step(self.aggregator([d for _, d, _ in good], [w for _, _, w in good]))
-        self.global_state = {k: (v + step[k]).to(v.dtype) for k, v in self.global_state.items()}
-        metrics = self.train_metrics_aggr_fn([m.content for m, _, _ in good], WEIGHT_KEY)
+        self.protocol.aggregate([r for _, r in good])
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in good], WEIGHT_KEY)
         stats["train_loss"] = float(metrics.get("train_loss", math.nan))
-        stats.update(_client_speed([m.content["metrics"] for m, _, _ in good]))
-        return pack(self.global_state), metrics
+        stats.update(client_speed([r.metrics for _, r in good]))
+        return ArrayRecord(), metrics  # the protocol holds the global model; Flower's copy would go unused
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side validation metrics, weighted; errors, malformed replies and clients without a
         validation split are skipped."""
-        good = [m for m in replies if not m.has_error() and len(m.content.metric_records) == 1
-                and next(iter(m.content.metric_records.values())).get(WEIGHT_KEY, 0) > 0]
-        metrics = self.evaluate_metrics_aggr_fn([m.content for m in good], WEIGHT_KEY) if good else None
-        self.round_stats[server_round]["client_val_accuracy"] = float((metrics or {}).get("val_accuracy", math.nan))
+        good = [m for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        stats = self.round_stats[server_round]
+        stats.update(self.protocol.observe_evaluation(good))
+        scored = [m.content for m in good if m.content["metrics"].get(WEIGHT_KEY, 0) > 0
+                  and "val_accuracy" in m.content["metrics"]]
+        metrics = self.evaluate_metrics_aggr_fn(scored, WEIGHT_KEY) if scored else None
+        stats["client_val_accuracy"] = float((metrics or {}).get("val_accuracy", math.nan))
         return metrics

@@ -1,7 +1,7 @@
 """Training speed and memory of each fine-tuning mode, side by side in one process (issue 7).
 
-    python -m simulations.bench --compile --out $OUT/bench.json           # device: full settings
-    python -m simulations.bench --device cpu --models resnet10t --batch 8 --img 32 --steps 3 \\
+    fedmeld bench --compile --out $OUT/bench.json           # device: full settings
+    fedmeld bench --device cpu --models resnet10t --batch 8 --img 32 --steps 3 \\
         --warmup 1 --repeats 1 --modes full lora head --data-model resnet10t   # CPU smoke run
 
 Every row is one model and one mode: a fresh timm model (random init: speed does not depend on the
@@ -10,10 +10,8 @@ synthetic data already on the device, so the figures compare the modes and nothi
 PEFT mode also trains the classifier head. Ratios against ``full`` are recomputable from the
 rows of one run, taken under the same compile setting.
 
-``hf-peft-lora`` is Hugging Face peft, whose package name clashes with ours: that row runs in a
-subprocess started as a script from this folder with the repository left off sys.path and
-PYTHONPATH, so its ``import peft`` finds theirs. For that reason this module imports nothing from
-the repository at the top level.
+``hf-peft-lora`` is Hugging Face peft (``import peft``; ours is ``fedmeld.peft``), on the same
+layers as our LoRA rows.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-REPO = Path(__file__).resolve().parent.parent
 MODES = ("full", "hf-peft-lora", "lora", "lora-naive", "lora-keep-act", "lora-frozen-a", "norm", "norm-floor", "head")
 DEFAULT_MODES = ("full", "hf-peft-lora", "lora", "lora-frozen-a", "norm", "norm-floor", "head")
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -44,7 +41,7 @@ Batch = Callable[[], tuple[Tensor, Tensor]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="fedmeld bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=["vit_base_patch16_224", "vit_small_patch16_224", "convnext_tiny"],
                    help="timm model names, each measured in every mode (none: no speed rows, no data path)")
@@ -87,7 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "epoch): the clients' training in a bare loop, then the same job under the in-process "
                         "simulation Grid and under the deployment runtime (SuperLink + SuperNodes on localhost)")
     p.add_argument("--out", default="bench.json", help="JSON output path")
-    p.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: JSON job of the HF peft subprocess
     return p.parse_args(argv)
 
 
@@ -198,8 +194,8 @@ def build_model(name: str, num_classes: int, img: int) -> nn.Module:
 
 def prepare(model: nn.Module, mode: str, rank: int) -> nn.Module:
     """Give ``model`` the trainable set of ``mode`` (ours, or the hand-written norm floor)."""
-    from peft import PeftConfig, apply_peft  # ours: see the module docstring
-    from peft.lora import LoRALinear
+    from fedmeld.peft import PeftConfig, apply_peft
+    from fedmeld.peft.lora import LoRALinear
 
     if mode == "norm-floor":  # no fedmeld code: grads for norm affine params and the head only
         model.requires_grad_(False)
@@ -220,35 +216,20 @@ def prepare(model: nn.Module, mode: str, rank: int) -> nn.Module:
 
 
 def hf_peft_row(model_name: str, args: argparse.Namespace) -> dict:
-    """Run the HF peft row in a subprocess that cannot see our package; its row, or a note why not."""
-    from peft import default_target_modules  # ours: the same layers as our LoRA rows
+    """Hugging Face peft's LoRA on the same layers as our LoRA rows; its row, or a note why not."""
+    from fedmeld.peft import default_target_modules  # ours
 
-    targets = default_target_modules(build_model(model_name, args.num_classes, args.img))
-    job = {"model": model_name, "targets": targets, "args": vars(args)}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                        if p and Path(p).resolve() != REPO)
-    proc = subprocess.run([sys.executable, str(Path(__file__)), "--hf-worker", json.dumps(job)], env=env,
-                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=900)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
-    return json.loads(lines[-1])
-
-
-def hf_worker(job: dict) -> dict:
-    """Inside the subprocess: our repo is off sys.path, so ``peft`` is Hugging Face's."""
-    sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO]
     try:
-        import peft
+        import peft  # Hugging Face's: ours is fedmeld.peft
     except ImportError as e:
         return {"error": f"Hugging Face peft is not importable: {e}"}
-    if Path(peft.__file__).resolve().is_relative_to(REPO) or not hasattr(peft, "LoraConfig"):
-        return {"error": f"'import peft' found {peft.__file__}, not Hugging Face peft"}
-    args = argparse.Namespace(**job["args"])
-    model = build_model(job["model"], args.num_classes, args.img)
+    if not hasattr(peft, "LoraConfig"):
+        return {"error": f"'import peft' found {peft.__file__}, not Hugging Face peft: run `fedmeld bench`, "
+                         f"not python -m from the repository root (whose peft/ folder shadows it)"}
+    model = build_model(model_name, args.num_classes, args.img)
+    targets = default_target_modules(model)
     # A regex matched in full, so "attn.proj" does not also catch ViT's patch_embed.proj.
-    pattern = r".*\.(" + "|".join(t.replace(".", r"\.") for t in job["targets"]) + ")"
+    pattern = r".*\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
     head = model.pretrained_cfg["classifier"]
     cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=pattern,
                           modules_to_save=[head] if isinstance(head, str) else list(head))
@@ -297,7 +278,7 @@ def data_path(args: argparse.Namespace) -> dict | None:
     """Synthetic vs MedMNIST-on-device img/s of one model and mode (eager), back to back."""
     if args.data_flag == "none":
         return None
-    from client.data import load_split, task_info  # repo code: only the main process gets here
+    from fedmeld.task.data import load_split, task_info
 
     device = torch.device(args.device)
     split = load_split(args.data_flag, "train", size=28, data_root=args.data_root)
@@ -320,11 +301,11 @@ def data_path(args: argparse.Namespace) -> dict | None:
 def bare_client_seconds(overrides: list[str]) -> dict:
     """Each client's local epoch timed in a plain loop (same model, shard, engine; no Flower), after
     one untimed epoch that pays CUDA start-up and kernel choice."""
-    from client.app import load_shard
-    from client.data import task_info
-    from client.engine import pick_device, train
-    from client.model import build_model as build_fed_model
-    from simulations.run import load_config
+    from fedmeld.client.app import load_shard
+    from fedmeld.task.data import task_info
+    from fedmeld.task.engine import pick_device, train
+    from fedmeld.task.model import build_model as build_fed_model
+    from fedmeld.simulations.run import load_config
 
     cfg = load_config(None, overrides)
     info, device = task_info(cfg.dataset), pick_device(cfg.device)
@@ -341,7 +322,7 @@ def bare_client_seconds(overrides: list[str]) -> dict:
 
 def federated_rounds(command: list[str], run_dir: Path) -> dict:
     """Run one of our federation CLIs; its per-round wall time and bytes, rounds after the first."""
-    done = subprocess.run([sys.executable, "-m", *command], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
     if done.returncode:
         return {"error": f"{' '.join(command[:2])} exited {done.returncode}: {done.stderr[-400:]}"}
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -358,15 +339,15 @@ def federation(overrides: list[str], out: Path) -> dict:
     training time. The in-process Grid runs its clients one after another on the one device, so its
     ``overhead_vs_sum_s`` (round minus the sum of all clients' bare times) is its fixed cost proper.
     Round wall time includes the clients' validation and the server's test-split evaluation."""
-    from simulations.scaling import DEFAULTS
+    from fedmeld.simulations.scaling import DEFAULTS
 
     stamp = datetime.datetime.now().strftime("%H%M%S")
     job = [*DEFAULTS, "num-clients=8", "min-clients=8", *overrides, f'out="{out.parent.resolve() / "fed-runs"}"']
     n = int(next(o.split("=")[1] for o in reversed(job) if o.startswith("num-clients=")))
     bare = bare_client_seconds(job)
-    sim = federated_rounds(["simulations.run", "--backend", "inprocess", *job, f'run-name="sim-{stamp}"'],
+    sim = federated_rounds(["fedmeld.simulations.run", "--backend", "inprocess", *job, f'run-name="sim-{stamp}"'],
                            out.parent / "fed-runs" / f"sim-{stamp}")
-    dep = federated_rounds(["simulations.deploy", "--supernodes", str(n), *job, f'run-name="deploy-{stamp}"'],
+    dep = federated_rounds(["fedmeld.simulations.deploy", "--supernodes", str(n), *job, f'run-name="deploy-{stamp}"'],
                            out.parent / "fed-runs" / f"deploy-{stamp}")
     for runtime in (sim, dep):
         if "steady_round_s" in runtime:
@@ -408,9 +389,6 @@ def ratio_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.hf_worker:
-        print(json.dumps(hf_worker(json.loads(args.hf_worker))))
-        return {}
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """Run the fedmeld apps under Flower's deployment runtime on this machine.
 
-``python -m simulations.deploy [--supernodes N] [--gpus 0,1] [key=value ...]`` starts a SuperLink
+``fedmeld deploy [--supernodes N] [--gpus 0,1] [key=value ...]`` starts a SuperLink
 and N SuperNodes on localhost (insecure, loopback only), each SuperNode pointed at its own data
 partition through ``--node-config`` and, with ``--gpus``, pinned to one of the listed GPUs
 (round-robin, so several SuperNodes may share a GPU). It then submits the app with ``flwr run``,
@@ -9,8 +9,8 @@ For real sites, run the same ``flower-supernode`` command on each hospital's mac
 SuperLink's address (with TLS) instead of localhost.
 
 ``--isolation`` picks who runs the ClientApp. ``process`` (default): each SuperNode runs with
-``--isolation process`` (through ``python -m client.supernode``, which shortens its hard-coded 3 s
-idle poll) and gets one long-lived ``python -m client.executor`` that runs all its messages in one
+``--isolation process`` (through ``fedmeld supernode``, which shortens its hard-coded 3 s
+idle poll) and gets one long-lived ``fedmeld executor`` that runs all its messages in one
 process, so torch, the model and the data shard load once per node, not once per message.
 ``subprocess``: Flower's stock behaviour, a fresh ``flwr-clientapp`` process per message.
 """
@@ -27,14 +27,30 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from importlib.metadata import version
 from pathlib import Path
 
-from client.config import PYPROJECT, ConfigError, RunConfig, describe
-from simulations.run import load_config
+import tomli_w
 
-REPO = PYPROJECT.parent
+from fedmeld.simulations.run import load_config
+from fedmeld.task.config import ConfigError, RunConfig, defaults, describe
 ISOLATIONS = ("process", "subprocess")
 STATUS_SECONDS = 15.0  # between `flwr ls` calls (about 1.3 s of CPU each) until summary.json shows up
+
+
+def write_app(folder: Path) -> Path:
+    """A Flower app folder for ``flwr run``: only a pyproject.toml naming fedmeld's apps and keys.
+    Every node runs the installed ``fedmeld`` package, so the app needs no code of its own (and an
+    installed fedmeld deploys without a checkout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedmeld-app", "version": version("fedmeld"), "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "fedmeld",
+                                  "components": {"serverapp": "fedmeld.server.app:app",
+                                                 "clientapp": "fedmeld.client.app:app"},
+                                  "config": defaults()}}}}))
+    return folder
 
 
 def free_port() -> int:
@@ -57,12 +73,12 @@ def supernode_commands(superlink_port: int, index: int, config: str, isolation: 
     """SuperNode ``index`` and, with isolation ``process``, the executor that runs its ClientApp
     (the SuperNode then launches nothing itself), by log name."""
     ours, runtime_port = isolation == "process", free_port()
-    supernode = [sys.executable, "-m", "client.supernode"] if ours else ["flower-supernode"]  # ours: short waits
+    supernode = [sys.executable, "-m", "fedmeld.task.flower.supernode"] if ours else ["flower-supernode"]  # ours: short waits
     commands = {f"supernode-{index}": [*supernode, "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
                                        "--isolation", isolation, "--port", str(runtime_port),
                                        "--node-config", config]}
     if ours:
-        commands[f"executor-{index}"] = [sys.executable, "-m", "client.executor", "--insecure",
+        commands[f"executor-{index}"] = [sys.executable, "-m", "fedmeld.task.flower.executor", "--insecure",
                                          "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
     return commands
 
@@ -90,7 +106,7 @@ class Deployment:
 
     def _start(self, name: str, cmd: list[str]) -> None:
         log = (self.home / f"{name}.log").open("w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True))  # Ctrl-C here reaches us, not them
 
     def _wait_for_port(self, port: int, timeout: float = 60) -> None:
@@ -105,7 +121,7 @@ class Deployment:
         raise TimeoutError(f"the SuperLink did not listen on port {port} within {timeout:.0f} s")
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+        return subprocess.run(["flwr", *args], env=self.env, cwd=self.home, capture_output=True, text=True,
                               timeout=timeout)
 
     def stop(self) -> None:
@@ -168,7 +184,7 @@ def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: P
     with ExitStack() as stack:
         fed = Deployment(home, num_supernodes, gpus, cfg.data_root, isolation)
         stack.callback(fed.stop)
-        submitted = fed.flwr("run", ".", "deploy", "--run-config", str(overrides), "--format", "json")
+        submitted = fed.flwr("run", str(write_app(home / "app")), "deploy", "--run-config", str(overrides), "--format", "json")
         try:
             run_id = json.loads(submitted.stdout)["run-id"]
         except (json.JSONDecodeError, KeyError):
@@ -204,7 +220,7 @@ def _status(fed: Deployment, run_id: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fedmeld deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + " Starts a local SuperLink and SuperNodes, runs, stops them.\n\n"
         + __doc__.split("\n\n")[2],
         epilog="run-config keys (key = default {choices}):\n" + describe())

@@ -1,6 +1,6 @@
 """From-scratch comparison: full training vs single LoRA vs LTE vs federated LTE, at equal samples seen.
 
-``python -m simulations.lte_compare [--small | --full] [--out DIR] [--set key=value ...]``
+``fedmeld lte-compare [--small | --full] [--out DIR] [--set key=value ...]``
 
 Four runs of the project's own run machinery (``simulations.run.load_config`` + ``simulate`` with
 the in-process Flower backend, so no Ray), all from random init (``pretrained=false``), on the same
@@ -39,8 +39,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from client.config import ConfigError, RunConfig
-from simulations.run import load_config, parse_overrides, simulate
+from fedmeld.task.config import ConfigError, RunConfig
+from fedmeld.simulations.run import load_config, parse_overrides, simulate
 
 METHODS = ("full", "lora", "lte", "fed-lte")
 LORA_TARGETS = "patch_embed.proj,attn.qkv,attn.proj,mlp.fc1,mlp.fc2"  # what LTE wraps in a timm ViT
@@ -90,8 +90,8 @@ def method_overrides(preset: str, method: str, common_set: dict[str, Any],
 
 def train_samples_per_round(cfg: RunConfig) -> int:
     """Samples one round trains on: local epochs x the clients' train shards (as client/app.py cuts them)."""
-    from client.app import load_shard
-    from client.lte import for_heads
+    from fedmeld.client.app import load_shard
+    from fedmeld.task.lte import for_heads
 
     total = 0
     for pid in range(cfg.num_clients):
@@ -259,7 +259,7 @@ def _gap(ms: dict[str, Any], method: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.lte_compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fedmeld lte-compare", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
     )
     size = parser.add_mutually_exclusive_group()

@@ -1,4 +1,4 @@
-"""Run one federated simulation: ``python -m simulations.run [--config FILE.toml] [key=value ...]``.
+"""Run one federated simulation: ``fedmeld run [--config FILE.toml] [key=value ...]``.
 
 The keys are the app's run-config keys (``[tool.flwr.app.config]`` in pyproject.toml), so this and
 ``flwr run .`` take the same settings. Bad keys and values are refused before anything starts.
@@ -15,8 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from client.config import ConfigError, RunConfig, describe
-from server.report import default_run_name, run_dir_path
+from fedmeld.task.config import ConfigError, RunConfig, describe
+from fedmeld.server.report import default_run_name, run_dir_path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -57,8 +57,8 @@ def simulate(cfg: RunConfig, backend: str = "ray") -> Path:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import federate
+    from fedmeld.client.app import app as client_app
+    from fedmeld.server.app import federate
 
     run_dir = run_dir_path(cfg.out, cfg.run_name)  # refuse a used directory before starting anything
     if backend == "inprocess":
@@ -87,21 +87,16 @@ def simulate(cfg: RunConfig, backend: str = "ray") -> Path:
 
 
 def _simulate_inprocess(cfg: RunConfig) -> Path:
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedmeld.client.app import app as client_app
+    from fedmeld.server.app import federate
+    from fedmeld.task.flower.inprocess import InProcessGrid
 
-    from client.app import app as client_app
-    from server.app import federate
-    from simulations.inprocess import InProcessGrid
-
-    # Messages take their run and sender from the task identity the runtime would set.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     return federate(InProcessGrid(client_app, cfg.num_clients), cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fedmeld run", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a federated fedmeld simulation and write its run directory "
                     "(metrics.jsonl, summary.json, curves.png, adapter and merged-model safetensors).",
         epilog="run-config keys (key = default {choices}):\n" + describe(),

@@ -1,6 +1,6 @@
 """Hospitals on separate GPUs: the same federated job over 1, 2, 4 ... GPUs, one SuperNode per client.
 
-``python -m simulations.scaling --gpu-counts 1,2,4 --supernodes 8 [key=value ...]`` runs the
+``fedmeld scaling --gpu-counts 1,2,4 --supernodes 8 [key=value ...]`` runs the
 deployment recipe (``simulations.deploy``) once per GPU count, spreading the SuperNodes over the
 first G GPUs round-robin, and writes JSON with the round wall time, per-client img/s and per-process
 GPU memory for each G, plus the hardware and date. On a machine without GPUs, ``--gpu-counts 0``
@@ -18,10 +18,10 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from client.config import ConfigError, describe
-from server.report import hardware, versions
-from simulations.deploy import run_deployment
-from simulations.run import load_config
+from fedmeld.task.config import ConfigError, describe
+from fedmeld.server.report import hardware, versions
+from fedmeld.simulations.deploy import run_deployment
+from fedmeld.simulations.run import load_config
 
 DEFAULTS = ["dataset=pneumoniamnist", "input-size=224", 'model="vit_small_patch16_224"', "peft=lora",
             "num-server-rounds=3", "local-epochs=1", "batch-size=64"]
@@ -41,13 +41,14 @@ def measure(run_dir: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.scaling", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="fedmeld scaling", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="run-config keys (key = default {choices}):\n" + describe())
     parser.add_argument("--gpu-counts", default="1,2,4",
                         help="comma-separated GPU counts to run with (0: no GPU pinning, the default device)")
     parser.add_argument("--supernodes", type=int, default=8, help="SuperNodes (clients); default 8")
     parser.add_argument("--output", default="runs/scaling.json", help="JSON file to write")
+    parser.add_argument("--home", help="folder for each GPU count's FLWR_HOME (state, logs); default: new temp dirs")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"run-config overrides on top of: {' '.join(DEFAULTS)}")
     args = parser.parse_args(argv)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                                      *args.overrides, f'run-name="scaling-{gpus}gpu-{datetime.now():%H%M%S}"'])
         except ConfigError as err:
             parser.error(str(err))
-        home = Path(tempfile.mkdtemp(prefix=f"fedmeld-scaling-{gpus}-"))
+        home = Path(args.home) / f"{gpus}gpu" if args.home else Path(tempfile.mkdtemp(prefix=f"fedmeld-scaling-{gpus}-"))
+        home.mkdir(parents=True, exist_ok=True)
         print(f"[scaling] {args.supernodes} SuperNodes over {gpus or 'no pinned'} GPU(s)", flush=True)
         run_dir = run_deployment(cfg, args.supernodes, [str(g) for g in range(gpus)], home)
         results.append({"gpus": gpus, "run_dir": str(run_dir), **measure(run_dir)})

@@ -1,6 +1,6 @@
 """Run a grid of federated simulations and turn it into a table and plots.
 
-``python -m simulations.sweep --grid FILE.toml`` or ``--preset NAME`` (files in
+``fedmeld sweep --grid FILE.toml`` or ``--preset NAME`` (files in
 ``simulations/presets/``). A grid file holds::
 
     [base]                      # run-config keys shared by every run
@@ -16,7 +16,7 @@
     dirichlet-alpha = 0.1
 
 Runs are the product of all axes. Every config is checked before the first run starts. Each run
-is a separate ``python -m simulations.run`` process writing ``<out>/runs/<name>/``; a run whose
+is a separate ``fedmeld run`` process writing ``<out>/runs/<name>/``; a run whose
 summary.json exists is skipped, so an interrupted sweep resumes where it stopped (a half-written
 run directory is kept aside as ``<name>.incomplete-<time>``, one whose config has since changed as
 ``<name>.stale-<time>``; nothing is deleted). At the end the sweep
@@ -38,7 +38,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from client.config import ConfigError, RunConfig
+from fedmeld.task.config import ConfigError, RunConfig
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "majority_class_accuracy", "trainable_params",
@@ -95,7 +95,7 @@ def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray") -> bool:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {name}: running (log: {log_file})", flush=True)
     with log_file.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "simulations.run", "--config", str(config_file),
+        proc = subprocess.Popen([sys.executable, "-m", "fedmeld.simulations.run", "--config", str(config_file),
                                  "--backend", backend],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=Path(__file__).resolve().parent.parent,
@@ -183,7 +183,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.sweep", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="fedmeld sweep", description=__doc__.split("\n\n")[0],
                                      epilog=f"presets: {', '.join(sorted(p.stem for p in PRESETS.glob('*.toml')))}")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--grid", metavar="FILE.toml", help="grid file (format in this module's docstring)")
@@ -191,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="sweep directory; default runs/sweep-<name>. Re-run with the same --out "
                                       "to resume.")
     parser.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
-                        help="simulation backend of every run (see python -m simulations.run --help)")
+                        help="simulation backend of every run (see fedmeld run --help)")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="overrides applied to every run (e.g. num-server-rounds=2 for a smoke test)")
     args = parser.parse_args(argv)
     path = Path(args.grid) if args.grid else PRESETS / f"{args.preset}.toml"
     if not path.is_file():
         parser.error(f"no grid file {path}")
-    from simulations.run import parse_overrides
+    from fedmeld.simulations.run import parse_overrides
 
     grid = tomllib.loads(path.read_text())
     try:

@@ -20,6 +20,20 @@ def medmnist_root() -> Path:
     return OFFICIAL
 
 
+@pytest.fixture(scope="session")
+def subsets_root() -> Path:
+    """The real but subsampled PneumoniaMNIST file (see ../shared/data/medmnist-subsets/SOURCES.md)."""
+    if not (SUBSETS / "pneumoniamnist.npz").is_file():
+        pytest.fail(f"real PneumoniaMNIST subset not found in {SUBSETS}")
+    return SUBSETS
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The checkout's root (README.md, pyproject.toml)."""
+    return REPO
+
+
 @pytest.fixture
 def tiny_config(medmnist_root: Path, tmp_path: Path) -> dict:
     """Run-config overrides for a small, fast federation on real BreastMNIST."""

@@ -10,12 +10,12 @@ import timm
 import torch
 from torch import nn
 
-from peft import (DoRAConv2d, DoRALinear, GaLoreAdamW, PeftConfig, VeRAConv2d, VeRALinear, adapter_state,
-                  apply_peft, count_parameters, galore_param_groups, load_adapter_state, merge_adapters,
-                  merged_state_dict, unmerge_adapters)
-from peft.norm import NORM_TYPES
-from peft.reparam import ReparamLayer
-from peft.vera import D_INIT, shared_matrices
+from fedmeld.peft import (DoRAConv2d, DoRALinear, GaLoreAdamW, PeftConfig, VeRAConv2d, VeRALinear, adapter_state,
+                  apply_peft, count_parameters, galore_param_groups, load_adapter_state, fold_adapters,
+                  merged_state_dict, unfold_adapters)
+from fedmeld.peft.norm import NORM_TYPES
+from fedmeld.peft.reparam import ReparamLayer
+from fedmeld.peft.vera import D_INIT, shared_matrices
 
 MODELS = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
@@ -82,22 +82,22 @@ def make_layer(method: str, kind: str) -> tuple[nn.Module, nn.Module, torch.Tens
 @pytest.mark.parametrize("method", ["vera", "dora"])
 def test_layer_starts_as_base_merges_and_unmerges_exactly(method, kind):
     reference, layer, x = make_layer(method, kind)
-    assert layer.weight is not None and not layer.merged
+    assert layer.weight is not None and not layer.folded
     torch.testing.assert_close(layer(x), reference(x), **TOL)
 
     randomize_trainables(layer, std=0.5)
     w0, y0 = layer.weight.detach().clone(), layer(x).detach()
     assert not torch.allclose(y0, reference(x), atol=1e-3)  # the adapter does something
 
-    layer.merge()
-    assert layer.merged
+    layer.fold()
+    assert layer.folded
     torch.testing.assert_close(layer(x).detach(), y0, **TOL)
     merged = layer.weight.detach().clone()
-    layer.merge()  # no-op
+    layer.fold()  # no-op
     assert torch.equal(layer.weight.detach(), merged)
 
-    layer.unmerge()
-    assert not layer.merged
+    layer.unfold()
+    assert not layer.folded
     torch.testing.assert_close(layer.weight.detach(), w0, **TOL)
     torch.testing.assert_close(layer(x).detach(), y0, **TOL)
 
@@ -148,10 +148,10 @@ def test_model_starts_as_base_and_merges_exactly(method, family):
     plain.load_state_dict(merged_state_dict(model))  # strict: no adapter keys left
     torch.testing.assert_close(plain(x).detach(), y, **TOL)
 
-    merge_adapters(model)
-    assert all(layer.merged for layer in reparam_layers(model))
+    fold_adapters(model)
+    assert all(layer.folded for layer in reparam_layers(model))
     torch.testing.assert_close(model(x).detach(), y, **TOL)
-    unmerge_adapters(model)
+    unfold_adapters(model)
     for layer_name, layer in model.named_modules():
         if isinstance(layer, ReparamLayer):
             torch.testing.assert_close(layer.weight.detach(), weights[f"{layer_name}.weight"], **TOL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulations import bench
+from fedmeld.simulations import bench
 
 
 def test_bench_smoke(tmp_path: Path, medmnist_root: Path, capsys):

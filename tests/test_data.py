@@ -7,11 +7,11 @@ import pytest
 import torch
 from medmnist import Evaluator
 
-from client.config import ConfigError, RunConfig, defaults
-from client.data import DataFileError, load_split, task_info
-from client.engine import medmnist_acc, medmnist_auc
-from client.partition import dirichlet, iid, partition, train_val_split
-from simulations.run import load_config, parse_overrides
+from fedmeld.task.config import ConfigError, RunConfig, defaults
+from fedmeld.task.data import DataFileError, load_split, task_info
+from fedmeld.task.engine import medmnist_acc, medmnist_auc
+from fedmeld.task.partition import dirichlet, iid, partition, train_val_split
+from fedmeld.simulations.run import load_config, parse_overrides
 
 
 def test_official_splits_load_with_medmnist_layout(medmnist_root):
@@ -45,12 +45,8 @@ def test_corrupt_file_names_the_file(medmnist_root, tmp_path):
         load_split("breastmnist", "train", data_root=str(tmp_path))
 
 
-def test_subsampled_file_loads_with_a_warning(caplog):
-    from tests.conftest import SUBSETS
-
-    if not (SUBSETS / "pneumoniamnist.npz").is_file():
-        pytest.skip("no PneumoniaMNIST subset beside the repo")
-    assert len(load_split("pneumoniamnist", "train", data_root=str(SUBSETS))) == 3882
+def test_subsampled_file_loads_with_a_warning(caplog, subsets_root):
+    assert len(load_split("pneumoniamnist", "train", data_root=str(subsets_root))) == 3882
     assert "differs from the official MedMNIST release" in caplog.text
 
 
@@ -109,9 +105,18 @@ def test_config_defaults_cover_every_key_and_round_trip():
         assert key in defaults()
 
 
+def test_pyproject_repeats_the_defaults_flwr_run_reads(repo):
+    """``flwr run .`` reads the defaults from pyproject.toml; RunConfig holds them for an installed
+    fedmeld. They must be the same table."""
+    import tomllib
+
+    with (repo / "pyproject.toml").open("rb") as f:
+        assert tomllib.load(f)["tool"]["flwr"]["app"]["config"] == defaults()
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"nmu-clients": 3}, r"unknown run-config key 'nmu-clients'; valid keys: dataset, "),
-    ({"peft": "lore"}, r"bad value 'lore' for 'peft': must be '\+'-joined parts of lora, dora, vera, bitfit, norm"),
+    ({"peft": "lore"}, r"bad value 'lore' for 'peft': must be '\+'-joined parts of bitfit, dora, lora, norm, vera"),
     ({"partition": "zipf"}, r"valid values: iid, dirichlet"),
     ({"num-clients": 0}, r"'num-clients': must be > 0"),
     ({"lr": "fast"}, r"'lr': expected float"),
@@ -132,7 +137,7 @@ def test_cli_overrides_parse_as_toml(tmp_path):
 
 
 def test_cli_refuses_bad_key_before_running(capsys):
-    from simulations.run import main
+    from fedmeld.simulations.run import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["lora-rnak=4"])
@@ -140,8 +145,6 @@ def test_cli_refuses_bad_key_before_running(capsys):
     assert "unknown run-config key 'lora-rnak'" in capsys.readouterr().err
 
 
-def test_readme_documents_every_run_config_key():
-    from tests.conftest import REPO
-
-    readme = (REPO / "README.md").read_text()
+def test_readme_documents_every_run_config_key(repo):
+    readme = (repo / "README.md").read_text()
     assert [k for k in defaults() if f"`{k}`" not in readme] == []

@@ -18,9 +18,9 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client import executor
-from simulations.deploy import free_port, node_config, run_deployment, supernode_commands
-from simulations.run import load_config
+from fedmeld.task.flower import executor
+from fedmeld.simulations.deploy import free_port, node_config, run_deployment, supernode_commands
+from fedmeld.simulations.run import load_config
 
 
 def test_supernodes_spread_round_robin_over_gpus():
@@ -35,8 +35,8 @@ def test_isolation_picks_who_runs_the_clientapp():
     ours = supernode_commands(8000, 1, "partition-id=1 num-partitions=2", "process")
     assert list(ours) == ["supernode-1", "executor-1"]
     node, runner = ours["supernode-1"], ours["executor-1"]
-    assert node[1:3] == ["-m", "client.supernode"] and node[node.index("--isolation") + 1] == "process"
-    assert runner[1:3] == ["-m", "client.executor"]
+    assert node[1:3] == ["-m", "fedmeld.task.flower.supernode"] and node[node.index("--isolation") + 1] == "process"
+    assert runner[1:3] == ["-m", "fedmeld.task.flower.executor"]
     assert runner[runner.index("--runtime-api-address") + 1] == f"127.0.0.1:{node[node.index('--port') + 1]}"
     [(name, stock)] = supernode_commands(8000, 1, "partition-id=1 num-partitions=2", "subprocess").items()
     assert name == "supernode-1" and stock[0] == "flower-supernode"

@@ -8,21 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from simulations.lte_compare import JSON_KEYS, METHOD_KEYS, METHODS, compare, main
+from fedmeld.simulations.lte_compare import JSON_KEYS, METHOD_KEYS, METHODS, compare, main
 
-from tests.conftest import SUBSETS
 
 
 @pytest.fixture(scope="module")
-def lte_run(tmp_path_factory) -> tuple[dict, Path]:
+def lte_run(tmp_path_factory, subsets_root) -> tuple[dict, Path]:
     """Central LTE from random init on the PneumoniaMNIST subset (3882 train images), 2 epochs."""
-    if not (SUBSETS / "pneumoniamnist.npz").is_file():
-        pytest.fail(f"real PneumoniaMNIST subset not found in {SUBSETS}")
     out = tmp_path_factory.mktemp("lte_compare")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as lte_compare --small does: a shared 2-core CPU thrashes with more
     try:
-        results = compare("small", out, ["lte"], {"data-root": str(SUBSETS), "num-server-rounds": 2}, {})
+        results = compare("small", out, ["lte"], {"data-root": str(subsets_root), "num-server-rounds": 2}, {})
     finally:
         torch.set_num_threads(threads)
     return results, out
@@ -80,7 +77,7 @@ def test_all_four_methods_at_equal_samples_seen(medmnist_root, tmp_path, capsys)
 
 
 def test_method_defining_keys_cannot_be_overridden(tmp_path):
-    from simulations.lte_compare import method_overrides
+    from fedmeld.simulations.lte_compare import method_overrides
 
     o = method_overrides("small", "fed-lte", {"num-clients": 1, "peft": "full", "lr": 0.1}, {})
     assert (o["num-clients"], o["peft"], o["lr"], o["pretrained"]) == (4, "lte", 0.1, False)

@@ -12,10 +12,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from client.config import RunConfig
-from client.data import task_info
-from client.model import WeightsError, build_model, create_backbone
-from tests.conftest import REPO
+from fedmeld.task.config import RunConfig
+from fedmeld.task.data import task_info
+from fedmeld.task.model import WeightsError, build_model, create_backbone
 
 
 def test_random_init_is_identical_on_every_node():
@@ -49,14 +48,14 @@ def test_missing_weights_file_is_named(tmp_path):
         create_backbone(cfg, task_info("breastmnist"))
 
 
-def test_hub_weights_offline_say_how_to_go_on(tmp_path):
+def test_hub_weights_offline_say_how_to_go_on(tmp_path, repo):
     # huggingface_hub reads HF_HUB_OFFLINE at import, so ask as a user would: from a fresh process
-    code = ("from client.config import RunConfig; from client.data import task_info; "
-            "from client.model import create_backbone; "
+    code = ("from fedmeld.task.config import RunConfig; from fedmeld.task.data import task_info; "
+            "from fedmeld.task.model import create_backbone; "
             "create_backbone(RunConfig.from_mapping({'model': 'resnet10t', 'pretrained': True}), "
             "task_info('breastmnist'))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
     assert re.search(r"WeightsError: could not fetch pretrained weights for resnet10t.*weights=/path/to/file"

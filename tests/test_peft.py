@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from peft import (ADAPTERS, LoRAConv2d, LoRALinear, PeftConfig, adapter_state, apply_peft, count_parameters,
-                  default_target_modules, load_adapter_state, merge_adapters, merged_state_dict,
-                  register_adapter, unmerge_adapters)
-from peft.norm import NORM_TYPES
+from fedmeld.peft import (ADAPTERS, LoRAConv2d, LoRALinear, PeftConfig, adapter_state, apply_peft, count_parameters,
+                  default_target_modules, load_adapter_state, fold_adapters, merged_state_dict,
+                  register_adapter, unfold_adapters)
+from fedmeld.peft.norm import NORM_TYPES
 
 MODELS = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
@@ -86,16 +86,16 @@ def test_lora_layer_merge_unmerge(kind):
     assert lora.delta_weight().shape == w0.shape
     assert not torch.allclose(y0, base(x), atol=1e-3)
 
-    lora.merge()
-    assert lora.merged
+    lora.fold()
+    assert lora.folded
     torch.testing.assert_close(lora.weight.detach(), w0 + lora.delta_weight().detach())
     torch.testing.assert_close(lora(x).detach(), y0, **TOL)
     merged_w = lora.weight.detach().clone()
-    lora.merge()  # no-op
+    lora.fold()  # no-op
     assert torch.equal(lora.weight.detach(), merged_w)
 
-    lora.unmerge()
-    assert not lora.merged
+    lora.unfold()
+    assert not lora.folded
     torch.testing.assert_close(lora.weight.detach(), w0, **TOL)
     torch.testing.assert_close(lora(x).detach(), y0, **TOL)
 
@@ -115,7 +115,7 @@ def test_depthwise_conv_refused_and_skipped_with_log(caplog):
         LoRAConv2d.from_module(nn.Conv2d(8, 8, 3, padding_mode="reflect"), rank=2, alpha=2.0)
 
     model = build("effnet")
-    with caplog.at_level(logging.INFO, logger="peft.lora"):
+    with caplog.at_level(logging.INFO, logger="fedmeld.peft.lora"):
         apply_peft(model, PeftConfig(method="lora", target_modules=["conv_dw", "conv_pw"]))
     wrapped = lora_names(model)
     assert wrapped and all(n.endswith(".conv_pw") for n in wrapped)
@@ -140,9 +140,9 @@ def test_model_merge_unmerge(family):
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         y0 = model(images())
-        merge_adapters(model)
+        fold_adapters(model)
         torch.testing.assert_close(model(images()), y0, **TOL)
-        unmerge_adapters(model)
+        unfold_adapters(model)
         torch.testing.assert_close(model(images()), y0, **TOL)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), weights[n], **TOL)
@@ -306,7 +306,7 @@ def test_merged_state_dict_loads_into_plain_model(family):
     plain.load_state_dict(merged, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(images()), model(images()), **TOL)
-    assert not any(m.merged for n, m in model.named_modules() if n in lora_names(model))
+    assert not any(m.folded for n, m in model.named_modules() if n in lora_names(model))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -339,7 +339,7 @@ def test_apply_twice_refused():
 
 
 def test_register_custom_adapter():
-    @register_adapter("bias")
+    @register_adapter("bias", help="every bias")
     def apply_bias(model, cfg):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -350,7 +350,7 @@ def test_register_custom_adapter():
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert trainable and all(n.endswith(".bias") for n in trainable)
         with pytest.raises(ValueError, match="already registered"):
-            register_adapter("bias")(apply_bias)
+            register_adapter("bias", help="again")(apply_bias)
     finally:
         del ADAPTERS["bias"]
 
@@ -506,11 +506,11 @@ def test_frozen_casts_cached_and_invalidated():
     check()
 
     for layer in (fast, naive):
-        layer.merge()
+        layer.fold()
     assert fast._casts is None
     check()  # merged: plain forward on the merged weight
     for layer in (fast, naive):
-        layer.unmerge()
+        layer.unfold()
     check()
 
     state = {k: v + 0.5 for k, v in naive.state_dict().items()}
@@ -633,9 +633,9 @@ def test_folded_gelu_merges_and_falls_back():
     x = images()
     with torch.no_grad():
         y = model(x)
-        merge_adapters(model)
+        fold_adapters(model)
         torch.testing.assert_close(model(x), y, **TOL)
-        unmerge_adapters(model)
+        unfold_adapters(model)
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.fast = False

@@ -8,10 +8,13 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client.wire import pack, unpack
-from server.aggregation import AGGREGATORS, weighted_mean
-from server.optimizers import ServerOptimizer
-from server.strategy import DeltaFedAvg, payload_bytes
+from fedmeld.task.wire import pack, unpack
+from fedmeld.server.delta import DeltaProtocol
+from fedmeld.server.optimizers import ServerOptimizer
+from fedmeld.server.strategy import FedmeldStrategy
+from fedmeld.task.aggregators import AGGREGATORS
+from fedmeld.task.aggregators.mean import weighted_mean
+from fedmeld.task.wire import payload_bytes
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
@@ -46,15 +49,15 @@ def test_weighted_mean_matches_hand_computation():
     for name in deltas[0]:
         by_hand = (10 * deltas[0][name] + 30 * deltas[1][name] + 60 * deltas[2][name]) / 100
         torch.testing.assert_close(mean[name], by_hand, rtol=0, atol=1e-6)
-    assert AGGREGATORS["fedavg"] is weighted_mean
+    assert AGGREGATORS["fedavg"].fn is weighted_mean
     with pytest.raises(ValueError, match="one weight per delta"):
         weighted_mean(deltas, [1, 2])
 
 
 def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
     global_state = _state(0)
-    strategy = DeltaFedAvg({k: v.clone() for k, v in global_state.items()}, weighted_mean, ServerOptimizer(lr=0.5),
-                           min_available_nodes=1, min_train_nodes=1)
+    strategy = FedmeldStrategy(DeltaProtocol({k: v.clone() for k, v in global_state.items()}, weighted_mean,
+                                             ServerOptimizer(lr=0.5)), min_available_nodes=1, min_train_nodes=1)
     instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(
         1, pack(global_state), ConfigRecord({}), FakeGrid([11, 12, 13, 14, 15, 16, 17]))}
     good = {11: (_state(1), 100), 12: (_state(2), 300)}
@@ -68,10 +71,10 @@ def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
         _reply(instructions[13], nan, 50), _reply(instructions[14], wrong_shape, 50),
         _reply(instructions[15], missing, 50), _reply(instructions[16], None, 0),
     ]  # node 17 times out: no reply at all
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    _, metrics = strategy.aggregate_train(1, replies)
 
     expected = {k: v + 0.5 * (100 * good[11][0][k] + 300 * good[12][0][k]) / 400 for k, v in global_state.items()}
-    for name, value in unpack(arrays).items():
+    for name, value in strategy.protocol.global_state().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
     stats = strategy.round_stats[1]
     assert (stats["num_clients_ok"], stats["num_clients_failed"]) == (2, 5)
@@ -85,10 +88,11 @@ def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
 
 def test_round_with_no_usable_reply_keeps_the_global_state():
     global_state = _state(0)
-    strategy = DeltaFedAvg(dict(global_state), weighted_mean, min_available_nodes=1, min_train_nodes=1)
+    strategy = FedmeldStrategy(DeltaProtocol(dict(global_state), weighted_mean), min_available_nodes=1,
+                               min_train_nodes=1)
     [instruction] = strategy.configure_train(1, pack(global_state), ConfigRecord({}), FakeGrid([3]))
     assert strategy.aggregate_train(1, [_reply(instruction, None, 0)]) == (None, None)
-    assert all(torch.equal(strategy.global_state[k], v) for k, v in global_state.items())
+    assert all(torch.equal(strategy.protocol.global_state()[k], v) for k, v in global_state.items())
 
 
 def test_a_failing_client_does_not_stop_the_federation():
@@ -96,7 +100,7 @@ def test_a_failing_client_does_not_stop_the_federation():
     send deltas; each round completes with the failure counted and the rest aggregated."""
     from flwr.clientapp import ClientApp
 
-    from simulations.inprocess import InProcessGrid
+    from fedmeld.task.flower.inprocess import InProcessGrid
 
     app = ClientApp()
 
@@ -109,9 +113,10 @@ def test_a_failing_client_does_not_stop_the_federation():
                        reply_to=msg)
 
     start = _state(0)
-    strategy = DeltaFedAvg(dict(start), weighted_mean, fraction_evaluate=0.0, min_available_nodes=3)
-    result = strategy.start(InProcessGrid(app, 3), pack(start), num_rounds=2)
-    for name, value in unpack(result.arrays).items():
+    strategy = FedmeldStrategy(DeltaProtocol(dict(start), weighted_mean), fraction_evaluate=0.0,
+                               min_available_nodes=3)
+    strategy.start(InProcessGrid(app, 3), pack(start), num_rounds=2)
+    for name, value in strategy.protocol.global_state().items():
         torch.testing.assert_close(value, start[name] + 2)  # two rounds of +1 from the healthy clients
     assert [(s["num_clients_ok"], s["num_clients_failed"]) for s in strategy.round_stats.values()] == [(2, 1), (2, 1)]
 
@@ -121,12 +126,11 @@ def test_a_client_without_validation_data_replies_and_is_skipped(medmnist_root, 
     Its evaluate reply says num-examples 0 instead of failing, and the weighted mean skips it."""
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-    from client.app import evaluate_handler, load_shard
-    from client.config import RunConfig
-    from client.data import task_info
-    from client.model import build_model
-    from peft import adapter_state
-    from server.strategy import DeltaFedAvg
+    from fedmeld.client.app import evaluate_handler, load_shard
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.data import task_info
+    from fedmeld.task.model import build_model
+    from fedmeld.peft import adapter_state
 
     cfg = RunConfig.from_mapping({"model": "resnet10t", "num-clients": 3, "data-root": str(medmnist_root)})
     assert len(load_shard(cfg, 2, 3).val) == 0
@@ -137,7 +141,7 @@ def test_a_client_without_validation_data_replies_and_is_skipped(medmnist_root, 
                   dst_node_id=7, message_type="evaluate")
     reply = evaluate_handler(msg, context)
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
-    strategy = DeltaFedAvg(state, lambda d, w: d[0])
+    strategy = FedmeldStrategy(DeltaProtocol(state, lambda d, w: d[0]))
     strategy.round_stats[1] = {}
     other = Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, "val_accuracy": 0.5, "val_loss": 1.0})}),
                     reply_to=msg)

@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from client.data import load_split, task_info
-from client.engine import _inputs
-from client.model import build_model
-from peft import load_adapter_state
-from server.report import ROUND_KEYS
-from simulations.run import load_config, simulate
+from fedmeld.task.data import load_split, task_info
+from fedmeld.task.engine import _inputs
+from fedmeld.task.model import build_model
+from fedmeld.peft import load_adapter_state
+from fedmeld.server.report import ROUND_KEYS
+from fedmeld.simulations.run import load_config, simulate
 
 SUMMARY_KEYS = ("final_test_accuracy", "final_test_auc", "majority_class_accuracy", "num_rounds", "trainable_params",
                 "total_params", "bytes_up_total", "bytes_down_total", "wall_seconds", "versions", "config")
@@ -47,7 +47,7 @@ def test_default_federation_learns(default_run):
     assert 0 < summary["trainable_params"] < summary["total_params"] / 5  # adapters, not the backbone
     assert {"torch", "timm", "flwr"} <= summary["versions"].keys() and summary["config"]["peft"] == "lora+norm"
     # each client uploads exactly its adapter delta: no backbone on the wire
-    assert rounds[-1]["bytes_up"] / cfg.num_clients == pytest.approx(summary["adapter_bytes"], rel=0.05)
+    assert rounds[-1]["bytes_up"] / cfg.num_clients == pytest.approx(summary["global_state_bytes"], rel=0.05)
     assert (run_dir / "curves.png").stat().st_size > 10_000
 
 

@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
-from client.config import ConfigError
-from simulations.sweep import PRESETS, expand, main, plan
+from fedmeld.task.config import ConfigError
+from fedmeld.simulations.sweep import PRESETS, expand, main, plan
 
 
 def test_grid_expands_to_the_product_of_its_axes(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from client.wire import KEY, STYPE, WireError, pack, payload_bytes, unpack
+from fedmeld.task.wire import KEY, STYPE, WireError, pack, payload_bytes, unpack
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py: messages need a task identity
 
@@ -88,14 +88,15 @@ def test_a_dtype_without_exact_bytes_is_refused_when_packing():
 
 
 def test_the_server_rejects_an_unpacked_reply_as_a_bad_reply():
-    from server.strategy import BadReply, parse_reply
+    from fedmeld.server.delta import DeltaProtocol
+    from fedmeld.server.strategy import BadReply, parse_reply
 
     reference = {"w": torch.zeros(2)}
     instruction = Message(RecordDict({"arrays": pack(reference)}), dst_node_id=3, message_type="train")
     reply = Message(RecordDict({"arrays": ArrayRecord({"w": torch.ones(2)}),
                                 "metrics": MetricRecord({"num-examples": 4})}), reply_to=instruction)
     with pytest.raises(BadReply, match="not a fedmeld-packed record"):
-        parse_reply(reply, reference)
+        parse_reply(reply, DeltaProtocol(reference, lambda d, w: d[0]))
 
 
 @pytest.mark.parametrize("overrides", [{"peft": "lora+norm"}, {"peft": "lora+norm", "aggregation": "exact"}],
@@ -104,10 +105,10 @@ def test_every_message_of_a_round_moves_one_array(overrides, tiny_config):
     """Flower moves each Array as objects of their own, one request each per hop in deployment: the
     global state (and LTE/exact broadcast) and every train reply must stay ONE Array, whatever the
     number of tensors, or the per-object cost silently comes back."""
-    from client.app import app as client_app
-    from client.config import RunConfig
-    from server.app import federate
-    from simulations.inprocess import InProcessGrid
+    from fedmeld.client.app import app as client_app
+    from fedmeld.task.config import RunConfig
+    from fedmeld.server.app import federate
+    from fedmeld.task.flower.inprocess import InProcessGrid
 
     class RecordingGrid(InProcessGrid):
         def _deliver(self, message: Message) -> Message:

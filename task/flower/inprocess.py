@@ -15,15 +15,25 @@ from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's error code for a ClientApp exception
+from . import require_supported
+
+
+def set_task_identity(run_id: int = 1) -> None:
+    """Messages take their run and sender from the task identity a Flower runtime sets for the
+    process; outside one (this Grid, tests that build Messages), stand in for it as the SuperLink."""
+    require_supported("fedmeld.task.flower.inprocess")
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
 
 
 class InProcessGrid(Grid):
     """``num_nodes`` virtual SuperNodes with node configs ``partition-id=i num-partitions=N``."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        set_task_identity()
         self.client_app = client_app
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config={},
@@ -65,4 +75,4 @@ class InProcessGrid(Grid):
         try:
             return self.client_app(message, self.contexts[message.metadata.dst_node_id])
         except Exception:  # noqa: BLE001 -- a failing client is a reply, not a crash of the federation
-            return Message(Error(CLIENT_APP_RAISED_EXCEPTION, traceback.format_exc()), reply_to=message)
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, traceback.format_exc()), reply_to=message)

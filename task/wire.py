@@ -72,7 +72,7 @@ def unpack(record: ArrayRecord) -> dict[str, Tensor]:
     shared with ``record``); a record that was not packed, or is truncated or altered, raises WireError."""
     arrays = list(record.values())
     if list(record.keys()) != [KEY] or arrays[0].stype != STYPE:
-        raise WireError(f"not a fedmeld-packed record (client.wire.pack): {len(arrays)} arrays "
+        raise WireError(f"not a fedmeld-packed record (fedmeld.task.wire.pack): {len(arrays)} arrays "
                         f"{list(record.keys())[:3]}, stype {arrays[0].stype if arrays else None!r}")
     data = memoryview(arrays[0].data)
     if len(data) < _PREFIX.size:
@@ -95,6 +95,11 @@ def unpack(record: ArrayRecord) -> dict[str, Tensor]:
             raise WireError(f"packed record has an inconsistent header: {name} at byte {offset} does not fit")
         state[name] = flat[offset:offset + size].view(dtype).view(shape)
     return state
+
+
+def nbytes(state: Mapping[str, Tensor]) -> int:
+    """Bytes of a state dict's tensors (what packing them costs, less the header)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def payload_bytes(record: ArrayRecord) -> int:

@@ -10,12 +10,32 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import build_model_with_cfg, register_model
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from client.config import RunConfig
-from client.data import TaskInfo
-from peft import GaLoreAdamW, PeftConfig, apply_peft, galore_param_groups
-from peft.lora import matches
+from fedmeld.peft import GaLoreAdamW, PeftConfig, apply_peft, galore_param_groups
+from fedmeld.peft.lora import matches
+from fedmeld.task.config import RunConfig, peft_method
+from fedmeld.task.data import TaskInfo
+
+
+@register_model
+def vit_pico_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A ViT small enough to train from scratch on a CPU: 28-px input in 4-px patches (49 tokens),
+    width 64, depth 4. Registered with timm, so ``model=vit_pico_patch4_28`` works in any run."""
+    args = dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0)
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"classifier": "head"}
+    return build_model_with_cfg(VisionTransformer, "vit_pico_patch4_28", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def vit_nano_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """vit_pico's GPU-sized sibling: 28-px input in 4-px patches, width 192 (vit_tiny's), depth 6.
+    Wide enough that a few low-rank factors per layer weigh far less than the layer."""
+    args = dict(img_size=28, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0)
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"classifier": "head"}
+    return build_model_with_cfg(VisionTransformer, "vit_nano_patch4_28", pretrained, **{**args, **kwargs})
 
 
 class WeightsError(RuntimeError):
@@ -24,11 +44,11 @@ class WeightsError(RuntimeError):
 
 def peft_config(cfg: RunConfig) -> PeftConfig:
     """The run config's adapter keys as a PeftConfig; the resized classifier head always trains."""
-    method = cfg.peft if cfg.peft in ("full", "head") else f"{cfg.peft}+head"
     targets = [t.strip() for t in cfg.target_modules.split(",") if t.strip()] or None
-    return PeftConfig(method=method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, lora_freeze_a=cfg.aggregation == "ffa", lora_seed=cfg.seed,
-                      vera_rank=cfg.vera_rank, vera_seed=cfg.seed, target_modules=targets, bn_stats=cfg.bn_stats)
+    return PeftConfig(method=peft_method(cfg.peft), lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, lora_freeze_a=cfg.aggregator.freeze_lora_a, lora_seed=cfg.seed,
+                      vera_rank=cfg.vera_rank, vera_seed=cfg.seed, target_modules=targets,
+                      lte_heads=cfg.lte_heads, lte_merge_mode=cfg.lte_merge_mode, bn_stats=cfg.bn_stats)
 
 
 def is_local(name: str, cfg: RunConfig) -> bool:

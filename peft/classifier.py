@@ -31,12 +31,12 @@ def classifier_names(model: nn.Module) -> list[str]:
     return [n for n, m in modules.items() if m is classifier]
 
 
-def in_head(name: str, heads: list[str]) -> bool:
+def in_classifier(name: str, heads: list[str]) -> bool:
     """True if the qualified module/parameter ``name`` lies inside a head."""
     return any(name == h or name.startswith(h + ".") for h in heads)
 
 
-@register_adapter("head")
+@register_adapter("head", help="the classifier only (it trains with every other choice too)")
 def apply_head(model: nn.Module, cfg: PeftConfig) -> None:
     heads = classifier_names(model)
     if not heads:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from medmnist.evaluator import getACC, getAUC
 from torch import nn
 
-from client.data import Split, TaskInfo
+from fedmeld.task.data import Split, TaskInfo
 
 
 @dataclass

@@ -10,9 +10,9 @@ ClientApp task (``AcquireTask``) and runs it in its own process, doing what
 ``flwr.supernode.runtime.run_clientapp`` does (pull message, context, run and FAB, call the
 ClientApp, push the reply and the context, report the status) minus the process start, the FAB
 install and ``flwr_exit``. The ClientApp module is imported once, so the model and the data shard
-that ``client.app`` caches per process serve every round.
+that ``fedmeld.client.app`` caches per process serve every round.
 
-Written against flwr 1.41.0 (it reuses Flower's Runtime API client and the ``pull_task_input``,
+Written against flwr 1.41/1.42 (``SUPPORTED`` in this package; it reuses Flower's Runtime API client and the ``pull_task_input``,
 ``push_message`` and ``push_task_output`` of ``run_clientapp``). Where it differs, and why:
 
 * the FAB is installed (into ``$FLWR_HOME/apps``, as Flower does) and its ClientApp imported once
@@ -24,15 +24,15 @@ Written against flwr 1.41.0 (it reuses Flower's Runtime API client and the ``pul
   task. If the executor dies, the SuperNode answers for it (code 8) once the task's heartbeat stops;
 * no runtime dependency installation: the app runs in the executor's own environment.
 
-A hospital runs its SuperNode with ``--isolation process`` (``python -m client.supernode`` is
+A hospital runs its SuperNode with ``--isolation process`` (``fedmeld supernode`` is
 ``flower-supernode`` with shorter waits) and this executor next to it, on the SuperNode's Runtime
 API (loopback, plain HTTP, by default)::
 
-    python -m client.supernode --superlink SUPERLINK:PORT --root-certificates ca.pem \\
+    fedmeld supernode --superlink SUPERLINK:PORT --root-certificates ca.pem \\
         --isolation process --port 9094 --node-config 'partition-id=0 num-partitions=8 data-root="/data"'
-    python -m client.executor --runtime-api-address 127.0.0.1:9094 --insecure
+    fedmeld executor --runtime-api-address 127.0.0.1:9094 --insecure
 
-``python -m simulations.deploy`` does the same on localhost (``--isolation process``, its default).
+``fedmeld deploy`` does the same on localhost (``--isolation process``, its default).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from . import require_supported
+
 INPUT_WAIT_SECONDS = 30.0  # then Flower's own retries (or its error) take over
 R, S = TypeVar("R"), TypeVar("S")
 
@@ -91,8 +93,8 @@ class FabClientApps:
 
 def forget_modules(app_dir: Path) -> None:
     """Drop the imported modules of the packages that ``app_dir`` ships, so that they import from
-    there: this executor's own ``client`` package (from the checkout it was started in), or those of
-    a previous FAB."""
+    there: those of a previous FAB. (fedmeld's own FAB runs the installed ``fedmeld`` package, whose
+    modules stay imported.)"""
     shipped = {p.stem for p in app_dir.iterdir() if (p / "__init__.py").is_file() or p.suffix == ".py"}
     for name in [name for name in sys.modules if name.partition(".")[0] in shipped]:
         del sys.modules[name]
@@ -202,7 +204,7 @@ def serve(address: str, certificates: bytes | None, insecure: bool, app: FabClie
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m client.executor", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="fedmeld executor", description=__doc__.split("\n\n")[0],
                                      epilog="Start the SuperNode with --isolation process and its Runtime API "
                                             "--port; see the module docstring.")
     parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-interval", type=float, default=0.2, metavar="SECONDS",
                         help="wait between asks for a pending task when there was none; default 0.2")
     args = parser.parse_args(argv)
+    require_supported("fedmeld executor")
     certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
     try:
         serve(args.runtime_api_address, certificates, args.insecure, FabClientApps(), args.poll_interval)

@@ -1,0 +1,77 @@
+"""The backbone-merge protocol on the server (LTE, exact LoRA aggregation): per-node broadcasts
+with catch-up, replies merged into the global backbone by ``task.backbone_merge.BackboneMergeServer``
+(whose docstring describes the protocol), and every client's backbone fingerprint compared with
+the server's at each evaluation."""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import ConfigRecord, Message
+from torch import nn
+
+from fedmeld.peft import merged_state_dict
+from fedmeld.server.strategy import Protocol, Reply, State
+from fedmeld.task.backbone_merge import (VERSION_KEY, BackboneMergeServer, base_state, build_merge_model, checksum,
+                                         dense_rule, dense_state, load)
+from fedmeld.task.config import RunConfig
+
+
+class BackboneMergeProtocol(Protocol):
+    required_metrics = (VERSION_KEY,)
+
+    def __init__(self, server: BackboneMergeServer) -> None:
+        self.server = server
+        self.node_versions: dict[int, int] = {}  # what each node last reported: its catch-up starts there
+        self._expected = {k: (shape, server.reply_dtypes()[k]) for k, shape in server.reply_shapes().items()}
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, model: nn.Module) -> BackboneMergeProtocol:
+        return cls(BackboneMergeServer(base_state(model), dense_state(model), dense_rule(cfg)))
+
+    @staticmethod
+    def build_model(cfg: RunConfig, info) -> nn.Module:
+        return build_merge_model(cfg.for_client(None), info)
+
+    def payload(self, node_id: int) -> tuple[State, dict[str, ConfigRecord], int]:
+        state, catchup = self.server.payload(self.node_versions.get(node_id, 0))
+        return state, {"backbone": ConfigRecord({"version": self.server.version})}, catchup
+
+    def expected(self):
+        return self._expected
+
+    def prepare(self, state: State) -> State:
+        """Each layer's factors must agree on their rank (B is out × r, A is r × in)."""
+        for name, b in state.items():
+            if name.startswith("factor/") and name.endswith("/B"):
+                a = state.get(name[:-1] + "A")
+                if a is not None and (b.dim() < 2 or a.dim() < 1 or b.shape[1] != a.shape[0]):
+                    raise ValueError(f"{name[:-2]}: B {tuple(b.shape)} and A {tuple(a.shape)} differ in rank")
+        return state
+
+    def aggregate(self, replies: list[Reply]) -> None:
+        for r in replies:
+            self.node_versions[r.node_id] = int(r.metrics[VERSION_KEY])
+        self.server.aggregate([(r.state, r.weight) for r in replies])
+
+    def observe_evaluation(self, replies: list[Message]) -> dict[str, float]:
+        """Node versions, and the largest relative difference of a client's backbone from the server's."""
+        reference = checksum(self.server.backbone.base)
+        diffs = []
+        for msg in replies:
+            metrics = msg.content["metrics"]
+            if VERSION_KEY in metrics and "base-checksum" in metrics:
+                self.node_versions[msg.metadata.src_node_id] = int(metrics[VERSION_KEY])
+                diffs.append(abs(float(metrics["base-checksum"]) - reference) / reference)
+        return {"backbone_checksum_rel_diff": max(diffs, default=math.nan)}
+
+    def load_into(self, model: nn.Module) -> None:
+        load(model, self.server.backbone.base, self.server.dense)
+
+    def global_state(self) -> State:
+        return {f"base/{k}": v for k, v in self.server.backbone.base.items()} | \
+               {f"dense/{k}": v for k, v in self.server.dense.items()}
+
+    def export_state(self, model: nn.Module) -> State:
+        self.load_into(model)  # heads reset: nothing pending
+        return merged_state_dict(model)

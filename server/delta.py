@@ -1,0 +1,64 @@
+"""The delta protocol: clients send adapter deltas; global += server step(rule(deltas)).
+
+Every node gets the same global adapter state; a client replies with local − global of every
+tensor that travels (``local-params`` stay on the client). The run's aggregation rule
+(``task/aggregators/``) combines the deltas, the server optimizer turns the result into the step.
+Under ``client-ranks`` smaller LoRA factors are zero-padded to the global rank first (HetLoRA).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord
+from torch import nn
+
+from fedmeld.peft import adapter_state, load_adapter_state, merged_state_dict, resize_ranks
+from fedmeld.server.optimizers import ServerOptimizer
+from fedmeld.server.strategy import Protocol, Reply, State
+from fedmeld.task.aggregators import AggregateFn
+from fedmeld.task.config import RunConfig
+from fedmeld.task.model import build_model, is_local
+
+
+class DeltaProtocol(Protocol):
+    def __init__(self, state: State, rule: AggregateFn, server_opt: ServerOptimizer | None = None,
+                 pad_ranks: bool = False, local: State | None = None) -> None:
+        self.state = state  # what travels and is averaged
+        self.rule = rule
+        self.server_opt = server_opt or ServerOptimizer()
+        self.pad_ranks = pad_ranks  # client-ranks: smaller LoRA factors are zero-padded (HetLoRA)
+        self.local = local or {}  # local-params: each client keeps its own; the server evaluates with its initial
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, model: nn.Module) -> DeltaProtocol:
+        state = {k: v.cpu() for k, v in adapter_state(model).items()}
+        server_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_beta1, cfg.server_beta2,
+                                     cfg.server_tau)
+        return cls({k: v for k, v in state.items() if not is_local(k, cfg)}, cfg.aggregator, server_opt,
+                   pad_ranks=bool(cfg.client_ranks), local={k: v for k, v in state.items() if is_local(k, cfg)})
+
+    @staticmethod
+    def build_model(cfg: RunConfig, info) -> nn.Module:
+        return build_model(cfg.for_client(None), info)  # client-ranks: the largest
+
+    def payload(self, node_id: int) -> tuple[State, dict[str, ConfigRecord], int]:
+        return self.state, {}, 0
+
+    def expected(self):
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.state.items()}
+
+    def prepare(self, state: State) -> State:
+        return resize_ranks(state, self.state) if self.pad_ranks else state
+
+    def aggregate(self, replies: list[Reply]) -> None:
+        step = self.server_opt.step(self.rule([r.state for r in replies], [r.weight for r in replies]))
+        self.state = {k: (v + step[k]).to(v.dtype) for k, v in self.state.items()}
+
+    def load_into(self, model: nn.Module) -> None:
+        load_adapter_state(model, {**self.local, **self.state})
+
+    def global_state(self) -> State:
+        return self.state
+
+    def export_state(self, model: nn.Module) -> State:
+        self.load_into(model)
+        return merged_state_dict(model)

@@ -1,0 +1,286 @@
+"""The run configuration: one typed, validated view of Flower's ``run_config``.
+
+Every key is a field of ``RunConfig`` with its default, type, allowed values and help text, so an
+installed fedmeld needs no file to know them. ``[tool.flwr.app.config]`` of ``pyproject.toml``
+repeats the defaults because ``flwr run .`` reads them there (a test keeps the two equal). The
+choices of ``peft`` and ``aggregation`` are not listed here: they come from the adapter and
+aggregator registries, plugins included (``fedmeld.task.plugins``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmeld.peft import ADAPTERS, PeftConfig
+from fedmeld.task.aggregators import AGGREGATORS, Aggregator
+from fedmeld.task.plugins import load_plugins
+
+MEDMNIST_2D = (
+    "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+    "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
+)
+
+
+class ConfigError(ValueError):
+    """A run-config key or value that cannot be used; the message says how to fix it."""
+
+
+def _valid_ranks(value: str) -> bool:
+    try:
+        return not value.strip() or all(int(r) > 0 for r in value.split(","))
+    except ValueError:
+        return False
+
+
+def peft_method(peft: str) -> str:
+    """The run config's ``peft`` as a PeftConfig method: the classifier trains with every choice
+    except those that must stand alone (which train it themselves, or are ``head`` alone)."""
+    parts = peft.split("+")
+    alone = len(parts) == 1 and parts[0] in ADAPTERS and ADAPTERS[parts[0]].alone
+    return peft if alone or parts == ["head"] else f"{peft}+head"
+
+
+def _peft_problem(value: str) -> str:
+    """What is wrong with a ``peft`` value (PeftConfig's validation says it), or ''."""
+    parts = value.split("+")
+    if len(set(parts)) != len(parts):
+        return f"must be {_peft_rule()}; it names a part twice"
+    try:
+        PeftConfig(method=peft_method(value))
+    except ValueError as err:
+        return f"must be {_peft_rule()}; {str(err).split(': ', 1)[-1]}"
+    return ""
+
+
+def _peft_rule() -> str:
+    names = sorted(ADAPTERS)
+    alone = [n for n in names if ADAPTERS[n].alone or n == "head"]
+    wrappers = [n for n in names if ADAPTERS[n].wraps_weights and n not in alone]
+    return (f"'+'-joined parts of {', '.join(n for n in names if n not in alone)} (at most one of "
+            f"{'/'.join(wrappers)}), or one of {', '.join(alone)}")
+
+
+def _peft_help() -> str:
+    listed = "; ".join(f"{n}: {ADAPTERS[n].help}" for n in sorted(ADAPTERS))
+    return (f"What trains: {_peft_rule()}; e.g. lora+norm. The classifier head (resized to the dataset) "
+            f"always trains. {listed}.")
+
+
+def _aggregation_help() -> str:
+    return "How client updates combine. " + "; ".join(f"{n}: {AGGREGATORS[n].help}" for n in sorted(AGGREGATORS)) + "."
+
+
+def _key(default: Any, help: str | Callable[[], str], choices: tuple[Any, ...] | Callable[[], tuple] | None = None,
+         check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:
+    """A field with its default and what --help and validation need; ``help`` and ``choices`` may be
+    callables, read when needed, so that registries (and plugins) fill them."""
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "rule": rule})
+
+
+def _meta(f: dataclasses.Field, name: str) -> Any:
+    value = f.metadata[name]
+    return value() if callable(value) and name in ("help", "choices") else value
+
+
+_positive = (lambda v: v > 0, "must be > 0")
+_non_negative = (lambda v: v >= 0, "must be >= 0")
+_fraction = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, spelled with '_' here and '-' in TOML and on the command line."""
+
+    dataset: str = _key('breastmnist', "MedMNIST 2D dataset flag.", MEDMNIST_2D)
+    image_size: int = _key(28, "MedMNIST image size; picks the file (e.g. breastmnist_64.npz).", (28, 64, 128, 224))
+    input_size: int = _key(0, "Model input resolution; images are resized on the device when it differs from "
+                           "image-size (e.g. 32 for ConvNeXt on 28 px files). 0: image-size.",
+                           check=_non_negative[0], rule=_non_negative[1])
+    data_root: str = _key('', "Directory holding the MedMNIST .npz files. Empty: $MEDMNIST_ROOT, "
+                          "else medmnist's default (~/.medmnist), downloading when the file is absent.")
+    model: str = _key('resnet18', "timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224.")
+    pretrained: bool = _key(False, "Load pretrained weights: from `weights` if set, else timm's hub/HF cache "
+                            "(set HF_HUB_OFFLINE=1 to use only the cache).")
+    weights: str = _key('', "Local weights file (.safetensors/.pth/.bin) for the backbone; implies pretrained. "
+                        "The classifier is resized, grayscale input adapted.")
+    num_clients: int = _key(4, "Number of clients (hospitals) the training split is partitioned over.",
+                            check=_positive[0], rule=_positive[1])
+    partition: str = _key('dirichlet', "How labels are spread over clients.", ("iid", "dirichlet"))
+    dirichlet_alpha: float = _key(0.5, "Dirichlet concentration for partition=dirichlet; small = skewed.",
+                                  check=_positive[0], rule=_positive[1])
+    val_fraction: float = _key(0.1, "Share of each client's partition kept as its local validation split.",
+                               check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    num_server_rounds: int = _key(8, "Federated rounds.", check=_positive[0], rule=_positive[1])
+    local_epochs: int = _key(2, "Local epochs per round on each client.", check=_positive[0], rule=_positive[1])
+    batch_size: int = _key(32, "Local mini-batch size.", check=_positive[0], rule=_positive[1])
+    lr: float = _key(0.01, "Client AdamW learning rate.", check=_positive[0], rule=_positive[1])
+    weight_decay: float = _key(0.0, "Client AdamW weight decay.", check=_non_negative[0], rule=_non_negative[1])
+    peft: str = _key("lora+norm", _peft_help)
+    lora_rank: int = _key(8, "LoRA rank r.", check=_positive[0], rule=_positive[1])
+    lora_alpha: float = _key(16.0, "LoRA alpha; the update is scaled by alpha/r.", check=_positive[0], rule=_positive[1])
+    vera_rank: int = _key(256, "VeRA: rank of the frozen random matrices shared across layers (regenerated from "
+                          "seed, never sent).", check=_positive[0], rule=_positive[1])
+    optimizer: str = _key('adamw', "Client optimizer: adamw, or galore-adamw (GaLore: gradients of weight matrices "
+                          "projected to galore-rank; usually with peft=full).", ("adamw", "galore-adamw"))
+    galore_rank: int = _key(8, "GaLore projection rank.", check=_positive[0], rule=_positive[1])
+    galore_update_gap: int = _key(50, "GaLore: optimizer steps between refreshes of the projection.",
+                                  check=_positive[0], rule=_positive[1])
+    galore_scale: float = _key(0.25, "GaLore: scale of the projected-back update.", check=_positive[0], rule=_positive[1])
+    lora_dropout: float = _key(0.0, "Dropout on the LoRA side path.", check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    target_modules: str = _key('', "Comma-separated LoRA target patterns (module names, suffixes or globs); "
+                               "empty: the model family's defaults.")
+    lte_heads: int = _key(4, "LTE: parallel LoRA heads per client, each on its own micro-batch (batch-size must "
+                          "divide by it).", check=_positive[0], rule=_positive[1])
+    lte_merge_every: int = _key(1, "LTE: optimizer steps between merges of the heads into the backbone.",
+                                check=_positive[0], rule=_positive[1])
+    lte_merge_mode: str = _key('resetless', "LTE merge rule: resetless (the base takes the mean change of s·B·A, factors "
+                               "kept) or reinit (merge the mean s·B·A, then re-initialise the heads, ReLoRA-style).",
+                               ("resetless", "reinit"))
+    bn_stats: str = _key('aggregate', "BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
+                         ("aggregate", "frozen"))
+    aggregation: str = _key("fedavg", _aggregation_help, lambda: tuple(sorted(AGGREGATORS)))
+    client_ranks: str = _key('', "Comma-separated LoRA ranks, one per client by partition id (cycled), e.g. 4,8,8,16; "
+                             "empty: every client uses lora-rank. Every client scales by lora-alpha/max(ranks). "
+                             "fedavg zero-pads smaller factors to the largest rank (HetLoRA baseline); exact "
+                             "aggregates mixed ranks exactly.", check=_valid_ranks,
+                             rule="must be empty or comma-separated positive integers")
+    server_optimizer: str = _key('sgd', "Server step on the aggregated delta: sgd (lr 1 = FedAvg), momentum (FedAvgM), "
+                                 "adam (FedAdam), yogi (FedYogi).", ("sgd", "momentum", "adam", "yogi"))
+    server_lr: float = _key(1.0, "Server learning rate on the aggregated delta (1.0 with sgd = FedAvg).",
+                            check=_positive[0], rule=_positive[1])
+    server_beta1: float = _key(0.9, "Server momentum / first-moment decay (momentum, adam, yogi).",
+                               check=lambda v: 0 <= v < 1, rule="must be in [0, 1)")
+    server_beta2: float = _key(0.99, "Server second-moment decay (adam, yogi).", check=lambda v: 0 <= v < 1,
+                               rule="must be in [0, 1)")
+    server_tau: float = _key(0.001, "Adaptivity floor added to the root second moment (adam, yogi).",
+                             check=_positive[0], rule=_positive[1])
+    proximal_mu: float = _key(0.0, "FedProx: weight of (mu/2)·||w - w_global||² in each client's loss; 0 = off.",
+                              check=_non_negative[0], rule=_non_negative[1])
+    local_params: str = _key('', "Comma-separated adapter-name patterns kept on each client and never sent "
+                             "(personalisation: e.g. norm weights for FedBN-style, head for FedPer-style).")
+    fraction_train: float = _key(1.0, "Fraction of connected clients sampled each round.",
+                                 check=_fraction[0], rule=_fraction[1])
+    min_clients: int = _key(2, "Minimum connected clients before a round starts (deployment).",
+                            check=_positive[0], rule=_positive[1])
+    round_timeout: int = _key(600, "Seconds the server waits for replies in a round; late clients are dropped.",
+                              check=_positive[0], rule=_positive[1])
+    device: str = _key('auto', "Client device: auto (CUDA when present), cpu, cuda or cuda:N.",
+                       check=lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+                       rule="must be auto, cpu, cuda or cuda:N")
+    seed: int = _key(0, "Seed for partitioning, model init and shuffling.")
+    out: str = _key('runs', "Directory under which the run directory is created (use an absolute path with flwr run).")
+    run_name: str = _key('', "Name of the run directory under `out`; empty: <date>-<time>-<dataset>-<peft>. "
+                         "An existing non-empty directory is refused, never overwritten.")
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """The defaults updated with ``overrides`` (Flower's '-' keys), checked."""
+        values = defaults()
+        for key, value in (overrides or {}).items():
+            if key not in values:
+                raise ConfigError(f"unknown run-config key {key!r}; valid keys: {', '.join(values)}")
+            values[key] = _coerce(key, value, values[key])
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, key = getattr(self, f.name), f.name.replace("_", "-")
+            choices, check = _meta(f, "choices"), f.metadata["check"]
+            if choices and value not in choices:
+                raise ConfigError(f"bad value {value!r} for {key!r}; valid values: {', '.join(map(str, choices))}")
+            if check and not check(value):
+                raise ConfigError(f"bad value {value!r} for {key!r}: {f.metadata['rule']}")
+        if problem := _peft_problem(self.peft):
+            raise ConfigError(f"bad value {self.peft!r} for 'peft': {problem}")
+        self._check_combinations()
+
+    @property
+    def aggregator(self) -> Aggregator:
+        return AGGREGATORS[self.aggregation]
+
+    @property
+    def protocol(self) -> str:
+        """What travels and how the server combines it: ``delta`` (adapter deltas, averaged) or
+        ``backbone-merge`` (low-rank updates merged into a backbone every node replicates: an
+        adapter that updates the backbone, such as LTE, or a rule such as exact)."""
+        if any(ADAPTERS[p].updates_backbone for p in self.peft.split("+")):
+            return "backbone-merge"
+        return self.aggregator.protocol
+
+    def _check_combinations(self) -> None:
+        """Keys that are valid alone but not together; each message says what to change."""
+        parts, rule = set(self.peft.split("+")), self.aggregator
+        if rule.needs_lora and "lora" not in parts:
+            raise ConfigError(f"aggregation={self.aggregation} needs LoRA: set peft to lora, lora+norm, ... "
+                              f"(got peft={self.peft!r})")
+        if self.client_ranks and ("lora" not in parts or not rule.mixed_ranks):
+            mixed = ", ".join(a.name for a in AGGREGATORS.values() if a.mixed_ranks)
+            raise ConfigError(f"client-ranks needs peft with lora and an aggregation that takes mixed ranks ({mixed}); "
+                              f"got peft={self.peft!r}, aggregation={self.aggregation!r}")
+        if "lte" in parts and self.batch_size % self.lte_heads:
+            raise ConfigError(f"batch-size {self.batch_size} must be divisible by lte-heads {self.lte_heads}: "
+                              f"each head trains on an equal micro-batch")
+        if self.protocol == "backbone-merge":
+            unsupported = {"proximal-mu": self.proximal_mu != 0, "local-params": bool(self.local_params),
+                           "lora-dropout": self.lora_dropout != 0, "optimizer": self.optimizer != "adamw",
+                           "server-optimizer": self.server_optimizer != "sgd", "server-lr": self.server_lr != 1}
+            bad = [k for k, on in unsupported.items() if on]
+            if bad:
+                raise ConfigError(f"peft={self.peft} with aggregation={self.aggregation} merges the mean low-rank "
+                                  f"update into the backbone as is; it does not support {', '.join(bad)}: reset "
+                                  f"them to their defaults or use a delta rule such as fedavg with a plain adapter")
+
+    @property
+    def model_size(self) -> int:
+        """The resolution the model sees."""
+        return self.input_size or self.image_size
+
+    def for_client(self, partition_id: int | None) -> RunConfig:
+        """This client's config under ``client-ranks`` (the server's: ``None``, the largest rank).
+        The scale alpha/r is the same on every client, so a rank-r slice of the global factors
+        means what it means at the largest rank."""
+        if not self.client_ranks:
+            return self
+        ranks = [int(r) for r in self.client_ranks.split(",")]
+        rank = max(ranks) if partition_id is None else ranks[partition_id % len(ranks)]
+        return dataclasses.replace(self, lora_rank=rank, lora_alpha=self.lora_alpha * rank / max(ranks))
+
+    def to_flower(self) -> dict[str, Any]:
+        """The '-'-keyed dict Flower's run_config holds."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def defaults() -> dict[str, Any]:
+    """Every key with its default, '-'-spelled as in Flower's run_config."""
+    return {f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig)}
+
+
+def describe() -> str:
+    """One line per key: name, default, allowed values and help, for --help."""
+    lines = []
+    for f in dataclasses.fields(RunConfig):
+        choices = _meta(f, "choices")
+        listed = f" {{{'|'.join(map(str, choices))}}}" if choices else ""
+        lines.append(f"  {f.name.replace('_', '-')} = {f.default!r}{listed}\n      {_meta(f, 'help')}")
+    return "\n".join(lines)
+
+
+load_plugins()
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Accept what TOML and command lines give (ints for floats, 'true' for bools); refuse the rest."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"bad value {value!r} for {key!r}: expected {kind.__name__} (default {default!r})")

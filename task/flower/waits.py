@@ -1,0 +1,57 @@
+"""Flower's hard-coded waits, capped.
+
+Why: Flower's SuperNode loop (``flwr/supernode/start_client_internal.py``) sleeps 3 s whenever
+the SuperLink has no message for it, polls for the ClientApp's reply every 0.5 s, and backs off
+1 s, 2 s, 4 s ... while a message's objects are still on their way. The ServerApp's deployment
+Grid (``flwr/superlink/grid/http_grid.py``) sleeps 3 s between reply polls with the same backoff.
+No flag or environment variable sets these (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` only paces the
+SuperExec). A round sends every node two messages and each pays these waits.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from types import ModuleType
+from typing import Any
+
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+from . import require_supported
+
+PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 1.0}  # Flower's: 1 s doubling up to 10 s
+GRID_SLEEP_CAP = 0.2  # seconds; the deployment Grid sleeps 3 s between polls for replies
+
+
+class CappedSleep:
+    """Stands in for the ``time`` module inside one Flower module: ``sleep`` waits at most ``cap``."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def shorten_waits(module: ModuleType, cap: float) -> None:
+    """Cap the sleeps of one Flower module at ``cap`` seconds and start its object-pull backoff at
+    50 ms: the SuperNode loop, or the ServerApp's deployment Grid (both use these two names)."""
+    require_supported("fedmeld.task.flower.waits")
+    if getattr(module, "time", None) is not time or getattr(module, "pull_objects", None) is not pull_objects:
+        raise RuntimeError(f"{module.__name__} no longer uses `time` and `pull_objects` as fedmeld.task.flower.waits "
+                           f"expects; see tests/task/test_flower.py")
+    module.time = CappedSleep(cap)
+    module.pull_objects = partial(pull_objects, **PULL_BACKOFF)
+
+
+def shorten_grid_waits(grid: Grid) -> None:
+    """In deployment (this process is Flower's flwr-serverapp, started for this one run), cap the
+    waits of its Grid; other Grids (simulation, in-process) do not poll."""
+    from flwr.superlink.grid import HttpGrid, http_grid
+
+    if isinstance(grid, HttpGrid):
+        shorten_waits(http_grid, GRID_SLEEP_CAP)

@@ -1,0 +1,61 @@
+"""LTE's local training: the LoRA heads of ``peft/lte.py`` trained by the ordinary loop of
+``task/engine.py``, with a merge step every ``lte-merge-every`` optimizer steps and once at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from fedmeld.peft.lte import merge_lte, reset_lte
+from fedmeld.task.config import RunConfig
+from fedmeld.task.data import Split, TaskInfo
+from fedmeld.task.engine import train
+
+
+def lora_heads(cfg: RunConfig) -> int:
+    """LoRA heads per wrapped layer: lte-heads for LTE, one for exact aggregation."""
+    return cfg.lte_heads if cfg.peft == "lte" else 1
+
+
+def for_heads(data: Split, batch_size: int, heads: int) -> Split:
+    """Drop the few samples that would leave a last batch not divisible by the heads."""
+    extra = (len(data) % batch_size) % heads
+    return data.subset(range(len(data) - extra)) if extra else data
+
+
+@contextmanager
+def merge_every(model: nn.Module, steps: int) -> Iterator[None]:
+    """A merge step before every ``steps``-th training forward pass after the first, i.e. right
+    after each ``steps``-th optimizer step, without a hook in the training loop."""
+    count = 0
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        nonlocal count
+        if module.training:
+            if count and count % steps == 0:
+                merge_lte(module)
+            count += 1
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def train_lte(model: nn.Module, data: Split, info: TaskInfo, cfg: RunConfig, *, epochs: int,
+              device: torch.device, seed: int, reset: bool = True, merge: bool = True) -> dict[str, float]:
+    """``task.engine.train`` through the heads, merging on the schedule and once at the end.
+    ``reset`` re-draws the heads first; ``merge=False`` never merges (a plain multi-head LoRA)."""
+    if reset:
+        reset_lte(model, torch.Generator().manual_seed(seed))
+    data = for_heads(data, cfg.batch_size, lora_heads(cfg))
+    with merge_every(model, cfg.lte_merge_every) if merge else nullcontext():
+        stats = train(model, data, info, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, device=device, seed=seed, input_size=cfg.input_size)
+    if merge:
+        merge_lte(model)
+    return stats
