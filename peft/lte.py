@@ -19,10 +19,10 @@ the heads' mean update into the base:
 In eval mode a layer computes with base + the heads' pending mean update, i.e. the model a merge
 would give, so evaluation needs no merge and does not depend on the batch size.
 
-Everything else that trains ("replicas": norms, biases, embeddings, the classifier) is one shared
-copy trained on the whole batch, not H copies averaged at merge. For plain SGD that is the same as
-averaging per-head replicas after every step; it needs no Python loop over heads and no H-fold
-memory, and across a federation the replicas are averaged between clients at every merge anyway.
+Everything else that trains (the "dense" parameters: norms, biases, embeddings, the classifier) is
+one shared copy trained on the whole batch, not H copies averaged at merge. For plain SGD that is
+the same as averaging per-head copies after every step; it needs no Python loop over heads and no
+H-fold memory, and across a federation the dense parameters are averaged between clients anyway.
 
 Conv2d is supported for ``groups=1`` and zero padding (as in ``peft.lora``): then a conv with A
 followed by a 1x1 conv with B equals a conv with the kernel B·A, so merges are exact.
@@ -208,7 +208,7 @@ def lte_layers(model: nn.Module) -> dict[str, MultiLoRALayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALayer)}
 
 
-def replica_names(model: nn.Module) -> list[str]:
+def dense_names(model: nn.Module) -> list[str]:
     """Trainable parameters that are not LoRA factors: trained directly, averaged at merges."""
     return [n for n, p in model.named_parameters() if p.requires_grad and not n.rsplit(".", 1)[-1].startswith("lora_")]
 

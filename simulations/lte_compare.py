@@ -88,26 +88,10 @@ def method_overrides(preset: str, method: str, common_set: dict[str, Any],
     return {**p["common"], **p[method], **common_set, **method_set.get(method, {}), **FIXED[method]}
 
 
-def train_samples_per_round(cfg: RunConfig) -> int:
-    """Samples one round trains on: local epochs x the clients' train shards (as client/app.py cuts them)."""
-    from fedmeld.client.app import load_shard
-    from fedmeld.task.lte import for_heads
-
-    total = 0
-    for pid in range(cfg.num_clients):
-        data = load_shard(cfg, pid, cfg.num_clients).train
-        if cfg.peft == "lte":
-            data = for_heads(data, cfg.batch_size, cfg.lte_heads)
-        n = len(data)
-        total += n - (1 if n % cfg.batch_size == 1 and n > 1 else 0)  # engine.train drops a last batch of one
-    return total * cfg.local_epochs
-
-
 def run_method(method: str, overrides: dict[str, Any], runs_root: Path, tag: str) -> dict[str, Any]:
     pairs = {**overrides, "out": str(runs_root), "run-name": f"{tag}-{method}"}
     cfg = load_config(None, [])  # defaults, then ours (load_config resolves out and run-name)
     cfg = RunConfig.from_mapping({**cfg.to_flower(), **pairs})
-    per_round = train_samples_per_round(cfg)
     started = time.perf_counter()
     run_dir = simulate(cfg, backend="inprocess")
     wall = time.perf_counter() - started
@@ -118,7 +102,7 @@ def run_method(method: str, overrides: dict[str, Any], runs_root: Path, tag: str
         curve.append({"round": 0, "samples_seen": 0, "test_accuracy": summary["initial_test_accuracy"],
                       "test_auc": summary.get("initial_test_auc")})
     for r in rounds:
-        seen += int(r.get("samples_seen") or per_round)  # LTE logs it; the others train per_round each round
+        seen += int(r["samples_seen"])  # what the clients trained on this round, every protocol records it
         curve.append({"round": r["round"], "samples_seen": seen, "test_accuracy": r["test_accuracy"],
                       "test_auc": r["test_auc"]})
     clients_rounds = max(sum(int(r.get("num_clients_ok", 0)) for r in rounds), 1)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmeld.peft import ADAPTERS, apply_peft, default_target_modules
-from fedmeld.peft.lte import inject_lte, lte_layers, replica_names, reset_lte
+from fedmeld.peft.lte import inject_lte, lte_layers, dense_names, reset_lte
 from fedmeld.peft.norm import bn_stats
 from fedmeld.task.aggregators import AggregateFn
 from fedmeld.task.aggregators.exact import stacked_product_mean
@@ -77,7 +77,7 @@ def base_state(model: nn.Module) -> State:
 def dense_state(model: nn.Module) -> State:
     """Everything else that trains (plus BatchNorm statistics): small, shipped whole."""
     params = dict(model.named_parameters())
-    return {name: params[name] for name in replica_names(model)} | bn_stats(model)
+    return {name: params[name] for name in dense_names(model)} | bn_stats(model)
 
 
 def snapshot(state: State) -> State:
