@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from flwr.app import ConfigRecord, Message
 from torch import nn
 
@@ -15,6 +16,7 @@ from fedmeld.server.strategy import Protocol, Reply, State
 from fedmeld.task.backbone_merge import (VERSION_KEY, BackboneMergeServer, base_state, build_merge_model, checksum,
                                          dense_rule, dense_state, load)
 from fedmeld.task.config import RunConfig
+from fedmeld.task.data import TaskInfo
 
 
 class BackboneMergeProtocol(Protocol):
@@ -30,14 +32,15 @@ class BackboneMergeProtocol(Protocol):
         return cls(BackboneMergeServer(base_state(model), dense_state(model), dense_rule(cfg)))
 
     @staticmethod
-    def build_model(cfg: RunConfig, info) -> nn.Module:
+    def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
+        """The server's model: the clients' (under client-ranks, at the largest rank)."""
         return build_merge_model(cfg.for_client(None), info)
 
     def payload(self, node_id: int) -> tuple[State, dict[str, ConfigRecord], int]:
         state, catchup = self.server.payload(self.node_versions.get(node_id, 0))
         return state, {"backbone": ConfigRecord({"version": self.server.version})}, catchup
 
-    def expected(self):
+    def expected(self) -> dict[str, tuple[tuple[int | None, ...], torch.dtype]]:
         return self._expected
 
     def prepare(self, state: State) -> State:

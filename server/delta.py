@@ -8,6 +8,7 @@ Under ``client-ranks`` smaller LoRA factors are zero-padded to the global rank f
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ConfigRecord
 from torch import nn
 
@@ -16,6 +17,7 @@ from fedmeld.server.optimizers import ServerOptimizer
 from fedmeld.server.strategy import Protocol, Reply, State
 from fedmeld.task.aggregators import AggregateFn
 from fedmeld.task.config import RunConfig
+from fedmeld.task.data import TaskInfo
 from fedmeld.task.model import build_model, is_local
 
 
@@ -37,13 +39,14 @@ class DeltaProtocol(Protocol):
                    pad_ranks=bool(cfg.client_ranks), local={k: v for k, v in state.items() if is_local(k, cfg)})
 
     @staticmethod
-    def build_model(cfg: RunConfig, info) -> nn.Module:
-        return build_model(cfg.for_client(None), info)  # client-ranks: the largest
+    def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
+        """The server's model: the clients' (under client-ranks, at the largest rank)."""
+        return build_model(cfg.for_client(None), info)
 
     def payload(self, node_id: int) -> tuple[State, dict[str, ConfigRecord], int]:
         return self.state, {}, 0
 
-    def expected(self):
+    def expected(self) -> dict[str, tuple[tuple[int | None, ...], torch.dtype]]:
         return {k: (tuple(v.shape), v.dtype) for k, v in self.state.items()}
 
     def prepare(self, state: State) -> State:

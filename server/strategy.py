@@ -24,6 +24,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
+from fedmeld.task.config import RunConfig
+from fedmeld.task.data import TaskInfo
 from fedmeld.task.wire import pack, payload_bytes, unpack
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,16 @@ class Protocol(ABC):
     """What travels between server and clients and how the replies change the global model."""
 
     required_metrics: tuple[str, ...] = ()  # reply metrics the protocol reads, besides num-examples
+
+    @staticmethod
+    @abstractmethod
+    def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
+        """The model the server evaluates and exports: the one its clients train."""
+
+    @classmethod
+    @abstractmethod
+    def for_run(cls, cfg: RunConfig, model: nn.Module) -> Protocol:
+        """The protocol's server state for a run, starting from ``model``."""
 
     @abstractmethod
     def payload(self, node_id: int) -> tuple[State, dict[str, ConfigRecord], int]:
