@@ -218,6 +218,7 @@ def prepare(model: nn.Module, mode: str, rank: int) -> nn.Module:
 def hf_peft_row(model_name: str, args: argparse.Namespace) -> dict:
     """Hugging Face peft's LoRA on the same layers as our LoRA rows; its row, or a note why not."""
     from fedmeld.peft import default_target_modules  # ours
+    from fedmeld.peft.lora import matches
 
     try:
         import peft  # Hugging Face's: ours is fedmeld.peft
@@ -227,11 +228,10 @@ def hf_peft_row(model_name: str, args: argparse.Namespace) -> dict:
         return {"error": f"'import peft' found {peft.__file__}, not Hugging Face peft: run `fedmeld bench`, "
                          f"not python -m from the repository root (whose peft/ folder shadows it)"}
     model = build_model(model_name, args.num_classes, args.img)
-    targets = default_target_modules(model)
-    # A regex matched in full, so "attn.proj" does not also catch ViT's patch_embed.proj.
-    pattern = r".*\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
+    patterns = default_target_modules(model)  # names, suffixes or globs: resolved here to full names
+    targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and matches(n, patterns)]
     head = model.pretrained_cfg["classifier"]
-    cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=pattern,
+    cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets,
                           modules_to_save=[head] if isinstance(head, str) else list(head))
     model = peft.get_peft_model(model, cfg)
     return {**measure(model, synthetic(args.batch, args.img, args.num_classes, torch.device(args.device)),

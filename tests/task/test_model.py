@@ -1,4 +1,5 @@
-"""Building the backbone: random init, a local weights file the test writes itself, offline errors."""
+"""task/model.py: building the backbone (random init, a local weights file the test writes itself,
+offline errors), the adapters and the optimizer the run config names."""
 
 from __future__ import annotations
 
@@ -66,3 +67,20 @@ def test_vit_gets_the_data_image_size():
     cfg = RunConfig.from_mapping({"model": "vit_tiny_patch16_224", "image-size": 64, "peft": "lora"})
     model = build_model(cfg, task_info("retinamnist"))
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("peft", ["vera+norm", "dora", "bitfit+norm"])
+def test_adapters_are_selectable_from_the_run_config(peft):
+    cfg = RunConfig.from_mapping({"model": "vit_tiny_patch16_224", "peft": peft})
+    model = build_model(cfg, task_info("breastmnist"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable and len(trainable) > 2
+
+
+def test_galore_optimizer_from_the_run_config():
+    from fedmeld.task.model import make_optimizer
+    from fedmeld.peft import GaLoreAdamW
+
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "full", "optimizer": "galore-adamw", "galore-rank": 4})
+    opt = make_optimizer(build_model(cfg, task_info("breastmnist")), cfg)
+    assert isinstance(opt, GaLoreAdamW) and opt.param_groups[0]["rank"] == 4

@@ -1,103 +1,28 @@
-"""Tests for peft/: tiny random-init timm models, CPU, no downloads."""
+"""peft/lora.py: LoRALinear/LoRAConv2d beyond the fold contract (tests/peft/test_fold.py), default
+targets, the fast (merged-weight) path, frozen A and the folded MLP activation. Tiny random-init timm
+models, CPU (one CUDA test), no downloads."""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 
 import pytest
-import timm
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedmeld.peft import (ADAPTERS, LoRAConv2d, LoRALinear, PeftConfig, adapter_state, apply_peft, count_parameters,
-                  default_target_modules, load_adapter_state, fold_adapters, merged_state_dict,
-                  register_adapter, unfold_adapters)
-from fedmeld.peft.norm import NORM_TYPES
+from fedmeld.peft import (LoRAConv2d, LoRALinear, PeftConfig, adapter_state, apply_peft, default_target_modules,
+                          fold_adapters, unfold_adapters)
 
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
-    "resnet": ("resnet10t", {}),
-    "convnext": ("convnext_atto", {}),
-    "convnext-linear": ("convnext_atto", dict(conv_mlp=False)),  # nn.Linear MLPs, as convnext_tiny
-    "effnet": ("efficientnet_b0", {}),
-}
-HEADS = {"vit": "head", "resnet": "fc", "convnext": "head.fc", "effnet": "classifier"}
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def build(family: str, seed: int = 0) -> nn.Module:
-    name, kwargs = MODELS[family]
-    torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
-
-
-def adapted(family: str, method: str = "lora+norm+head", seed: int = 0, **cfg) -> nn.Module:
-    return apply_peft(build(family, seed), PeftConfig(method=method, **cfg))
-
-
-def lora_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAConv2d))}
-
-
-@torch.no_grad()
-def perturb(model: nn.Module) -> None:
-    """Make every adapter non-trivial: random LoRA B and norm affine params."""
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.normal_(0, 0.05)
-    for m in model.modules():
-        if isinstance(m, NORM_TYPES):
-            for p in m.parameters(recurse=False):
-                p.add_(0.05 * torch.randn_like(p))
-
-
-def images(n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-# --- LoRA layers -------------------------------------------------------------
+# --- LoRA layers (their fold contract: tests/peft/test_fold.py) ---------------------
 
 def randomized(layer):
     with torch.no_grad():
         layer.lora_B.normal_()
     return layer
-
-
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_lora_layer_merge_unmerge(kind):
-    torch.manual_seed(0)
-    if kind == "linear":
-        base, x = nn.Linear(16, 8), torch.randn(4, 16)
-        lora = LoRALinear.from_module(base, rank=4, alpha=8.0)
-        assert lora.lora_A.shape == (4, 16) and lora.lora_B.shape == (8, 4)
-    else:
-        base, x = nn.Conv2d(6, 10, 3, stride=2, padding=1), torch.randn(2, 6, 9, 9)
-        lora = LoRAConv2d.from_module(base, rank=4, alpha=8.0)
-        assert lora.lora_A.shape == (4, 6, 3, 3) and lora.lora_B.shape == (10, 4)
-    assert lora.weight is base.weight and lora.bias is base.bias
-    assert set(dict(lora.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
-    torch.testing.assert_close(lora(x), base(x), rtol=0, atol=0)  # B = 0 at init
-
-    randomized(lora)
-    w0, y0 = lora.weight.detach().clone(), lora(x).detach()
-    assert lora.delta_weight().shape == w0.shape
-    assert not torch.allclose(y0, base(x), atol=1e-3)
-
-    lora.fold()
-    assert lora.folded
-    torch.testing.assert_close(lora.weight.detach(), w0 + lora.delta_weight().detach())
-    torch.testing.assert_close(lora(x).detach(), y0, **TOL)
-    merged_w = lora.weight.detach().clone()
-    lora.fold()  # no-op
-    assert torch.equal(lora.weight.detach(), merged_w)
-
-    lora.unfold()
-    assert not lora.folded
-    torch.testing.assert_close(lora.weight.detach(), w0, **TOL)
-    torch.testing.assert_close(lora(x).detach(), y0, **TOL)
 
 
 def test_lora_dropout_only_in_training():
@@ -108,13 +33,13 @@ def test_lora_dropout_only_in_training():
     torch.testing.assert_close(lora.eval()(x), lora.eval()(x))
 
 
-def test_depthwise_conv_refused_and_skipped_with_log(caplog):
+def test_depthwise_conv_refused_and_skipped_with_log(caplog, tiny_timm, lora_names):
     with pytest.raises(ValueError, match="groups"):
         LoRAConv2d.from_module(nn.Conv2d(8, 8, 3, groups=8), rank=2, alpha=2.0)
     with pytest.raises(ValueError, match="padding_mode"):
         LoRAConv2d.from_module(nn.Conv2d(8, 8, 3, padding_mode="reflect"), rank=2, alpha=2.0)
 
-    model = build("effnet")
+    model = tiny_timm("effnet")
     with caplog.at_level(logging.INFO, logger="fedmeld.peft.lora"):
         apply_peft(model, PeftConfig(method="lora", target_modules=["conv_dw", "conv_pw"]))
     wrapped = lora_names(model)
@@ -122,65 +47,26 @@ def test_depthwise_conv_refused_and_skipped_with_log(caplog):
     assert "blocks.0.0.conv_dw" in caplog.text and "groups=" in caplog.text
 
 
-# --- whole models ------------------------------------------------------------
+# --- whole models and default targets ---------------------------------------------
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
-def test_lora_model_equals_base_at_init(family):
-    base = build(family).eval()
+def test_lora_model_equals_base_at_init(family, tiny_timm, images, lora_names):
+    base = tiny_timm(family).eval()
     model = apply_peft(copy.deepcopy(base), PeftConfig(method="lora")).eval()
     assert lora_names(model)
     with torch.no_grad():
         torch.testing.assert_close(model(images()), base(images()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["vit", "resnet", "convnext"])
-def test_model_merge_unmerge(family):
-    model = adapted(family).eval()
-    perturb(model)
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with torch.no_grad():
-        y0 = model(images())
-        fold_adapters(model)
-        torch.testing.assert_close(model(images()), y0, **TOL)
-        unfold_adapters(model)
-        torch.testing.assert_close(model(images()), y0, **TOL)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), weights[n], **TOL)
-
-
-def expected_trainable(model: nn.Module, family: str, components: tuple[str, ...]) -> set[str]:
-    norm_params = {f"{mn}.{pn}" for mn, m in model.named_modules() if isinstance(m, NORM_TYPES)
-                   for pn, _ in m.named_parameters(recurse=False)}
-    names = set()
-    for name, _ in model.named_parameters():
-        if ("full" in components
-                or ("lora" in components and "lora_" in name)
-                or ("norm" in components and name in norm_params)
-                or ("head" in components and name.startswith(HEADS[family] + "."))):
-            names.add(name)
-    return names
-
-
-@pytest.mark.parametrize("family", ["vit", "resnet"])
-@pytest.mark.parametrize("method", ["lora", "norm", "head", "full", "lora+norm", "lora+norm+head"])
-def test_trainable_parameters_and_grads(family, method):
-    model = adapted(family, method)
-    expected = expected_trainable(model, family, model.peft_config.components)
-    assert expected
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
-    model(images()).square().sum().backward()
-    assert {n for n, p in model.named_parameters() if p.grad is not None} == expected
-
-
-def test_default_targets_vit():
+def test_default_targets_vit(tiny_timm, adapted, lora_names):
     model = adapted("vit", "lora")
-    assert default_target_modules(build("vit")) == ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    assert default_target_modules(tiny_timm("vit")) == ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
     assert lora_names(model) == {f"blocks.{i}.{leaf}" for i in range(2)
                                  for leaf in ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]}
     assert type(model.patch_embed.proj) is nn.Conv2d and type(model.head) is nn.Linear
 
 
-def test_default_targets_convnext():
+def test_default_targets_convnext(adapted, lora_names):
     model = adapted("convnext", "lora")
     n_blocks = sum(len(stage.blocks) for stage in model.stages)
     wrapped = lora_names(model)
@@ -188,13 +74,13 @@ def test_default_targets_convnext():
     assert all(n.endswith((".mlp.fc1", ".mlp.fc2")) for n in wrapped)
 
 
-def test_default_targets_resnet():
+def test_default_targets_resnet(adapted, lora_names):
     model = adapted("resnet", "lora")
     wrapped = lora_names(model)
     assert wrapped == {f"layer{i}.0.conv{j}" for i in range(1, 5) for j in (1, 2)}  # stem and downsample left alone
 
 
-def test_default_targets_efficientnet():
+def test_default_targets_efficientnet(adapted, lora_names):
     model = adapted("effnet", "lora")
     wrapped = lora_names(model)
     pointwise = {n for n, _ in model.named_modules() if n.endswith((".conv_pw", ".conv_pwl"))}
@@ -202,7 +88,7 @@ def test_default_targets_efficientnet():
     assert not any("conv_dw" in n for n in wrapped)
 
 
-def test_target_patterns():
+def test_target_patterns(adapted, lora_names):
     model = adapted("vit", "lora", target_modules=["blocks.*.attn.qkv"])
     assert lora_names(model) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
     with pytest.raises(ValueError, match="available"):
@@ -222,145 +108,6 @@ def test_fallback_targets_skip_classifier():
             return self.out
 
     assert default_target_modules(Tiny()) == ["body.0", "body.2"]
-
-
-# --- adapter state -------------------------------------------------------------
-
-@pytest.mark.parametrize("family", ["vit", "resnet"])
-def test_adapter_state_round_trip(family):
-    a = adapted(family, seed=0)
-    perturb(a)
-    a.train()(images(4))  # moves BN running stats
-    state = adapter_state(a)
-    assert list(state) == sorted(state)
-    assert not any("num_batches_tracked" in k for k in state)
-
-    b = adapted(family, seed=0)
-    assert not all(torch.equal(v, state[k]) for k, v in adapter_state(b).items())
-    load_adapter_state(b, state)
-    state_b = adapter_state(b)
-    assert state_b.keys() == state.keys() and all(torch.equal(state_b[k], state[k]) for k in state)
-    with torch.no_grad():
-        torch.testing.assert_close(a.eval()(images()), b.eval()(images()), rtol=0, atol=0)
-
-    key = next(iter(state))
-    state[key].add_(1)  # a clone: the model is untouched
-    assert not torch.equal(adapter_state(a)[key], state[key])
-
-
-def test_load_adapter_state_strict_errors():
-    model = adapted("vit")
-    state = adapter_state(model)
-    key = next(k for k in state if "lora_A" in k)
-
-    with pytest.raises(KeyError, match=key):
-        load_adapter_state(model, {k: v for k, v in state.items() if k != key})
-    with pytest.raises(KeyError, match="extra.weight"):
-        load_adapter_state(model, {**state, "extra.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match=key):
-        load_adapter_state(model, {**state, key: torch.zeros(1, 2)})
-
-    partial = {key: torch.ones_like(state[key]), "extra.weight": torch.zeros(1)}
-    load_adapter_state(model, partial, strict=False)
-    assert torch.equal(adapter_state(model)[key], partial[key])
-
-
-def test_full_adapter_state_is_state_dict():
-    model = adapted("resnet", "full")
-    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    assert set(adapter_state(model)) == expected
-
-
-def test_bn_stats_aggregate():
-    model = adapted("resnet", "lora")
-    state = adapter_state(model)
-    assert "bn1.running_mean" in state and "layer1.0.bn2.running_var" in state
-    assert not any("num_batches_tracked" in k for k in state)
-    model.train()(images(4))
-    assert not torch.equal(model.bn1.running_mean, state["bn1.running_mean"])
-
-
-def test_bn_stats_frozen():
-    model = adapted("resnet", "lora+norm", bn_stats="frozen")
-    assert not any("running_" in k for k in adapter_state(model))
-    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
-    model.train()
-    y_train = model(images(4))
-    y_train.sum().backward()
-    model(images(4))
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
-    assert model.bn1.weight.grad is not None  # affine params still train
-    with torch.no_grad():
-        torch.testing.assert_close(y_train.detach(), model.eval()(images(4)))  # BN ran in eval mode
-
-
-@pytest.mark.parametrize("family", ["vit", "resnet", "convnext"])
-def test_merged_state_dict_loads_into_plain_model(family):
-    model = adapted(family).eval()
-    perturb(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = merged_state_dict(model)
-    assert not any("lora_" in k for k in merged)
-
-    plain = build(family, seed=123).eval()
-    plain.load_state_dict(merged, strict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(plain(images()), model(images()), **TOL)
-    assert not any(m.folded for n, m in model.named_modules() if n in lora_names(model))
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-# --- config, registry, counting --------------------------------------------------
-
-def test_config_round_trip_and_validation():
-    cfg = PeftConfig(method="norm+lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
-                     target_modules=["qkv"], bn_stats="frozen")
-    assert PeftConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert cfg.components == PeftConfig(method="lora+norm").components == ("lora", "norm")
-
-    with pytest.raises(ValueError, match=r"valid components.*'full'.*'head'.*'lora'.*'norm'"):
-        PeftConfig(method="lora+bogus")
-    with pytest.raises(ValueError, match="full"):
-        PeftConfig(method="full+lora")
-    with pytest.raises(ValueError, match="bn_stats.*aggregate"):
-        PeftConfig(bn_stats="local")
-    with pytest.raises(ValueError, match="lora_rank"):
-        PeftConfig(lora_rank=0)
-    with pytest.raises(ValueError, match="target_modules"):
-        PeftConfig(target_modules="qkv")
-    with pytest.raises(ValueError, match="unknown fields"):
-        PeftConfig.from_dict({"rank": 4})
-
-
-def test_apply_twice_refused():
-    model = adapted("vit", "lora")
-    with pytest.raises(ValueError, match="already"):
-        apply_peft(model, PeftConfig(method="lora"))
-
-
-def test_register_custom_adapter():
-    @register_adapter("bias", help="every bias")
-    def apply_bias(model, cfg):
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.requires_grad_(True)
-
-    try:
-        model = adapted("vit", "bias")
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert trainable and all(n.endswith(".bias") for n in trainable)
-        with pytest.raises(ValueError, match="already registered"):
-            register_adapter("bias", help="again")(apply_bias)
-    finally:
-        del ADAPTERS["bias"]
-
-
-def test_count_parameters_linear_lora():
-    rank, dim, depth = 4, 192, 2
-    base_total = sum(p.numel() for p in build("vit").parameters())
-    model = adapted("vit", "lora", lora_rank=rank)
-    per_block = sum(rank * (i + o) for i, o in [(dim, 3 * dim), (dim, dim), (dim, 4 * dim), (4 * dim, dim)])
-    assert count_parameters(model) == (depth * per_block, base_total + depth * per_block)
 
 
 # --- fast (merged-weight) LoRA path and frozen A ----------------------------------
@@ -422,7 +169,7 @@ def test_fast_lora_linear_uses_autocast_dtype_and_falls_back():
     assert seen
 
 
-def test_frozen_a_reproducible_and_only_b_travels():
+def test_frozen_a_reproducible_and_only_b_travels(adapted, images):
     cfg = dict(method="lora+head", lora_freeze_a=True, lora_seed=7)
     a, b = adapted("vit", seed=0, **cfg), adapted("vit", seed=1, **cfg)
     assert all(not m.lora_A.requires_grad for m in a.modules() if isinstance(m, LoRALinear))
@@ -439,31 +186,11 @@ def test_frozen_a_reproducible_and_only_b_travels():
     assert {n for n, p in a.named_parameters() if p.grad is not None} == set(state)
 
 
-def test_frozen_a_conv():
+def test_frozen_a_conv(adapted, images):
     model = adapted("resnet", "lora", lora_freeze_a=True)
     model(images()).square().sum().backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained and all(n.endswith("lora_B") for n in trained)
-
-
-def test_norm_mode_equals_hand_written_floor():
-    """``norm`` trains exactly the norm affine params: nothing beyond the hand-written floor."""
-    model = adapted("convnext", "norm")
-    floor = build("convnext").requires_grad_(False)
-    for m in floor.modules():
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)):
-            m.requires_grad_(True)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-           {n for n, p in floor.named_parameters() if p.requires_grad}
-    assert dict(model.named_modules()).keys() == dict(floor.named_modules()).keys()  # no wrappers either
-
-
-def test_frozen_a_config_validation():
-    assert PeftConfig.from_dict(PeftConfig(lora_freeze_a=True, lora_seed=3).to_dict()).lora_freeze_a
-    with pytest.raises(ValueError, match="lora_freeze_a"):
-        PeftConfig(lora_freeze_a=1)
-    with pytest.raises(ValueError, match="lora_seed"):
-        PeftConfig(lora_seed=-1)
 
 
 def assert_grads_close(got: dict, want: dict, tol: float = 1e-2) -> None:
@@ -563,7 +290,7 @@ def test_fast_lora_linear_frozen_factors_still_pass_input_grad():
     assert_grads_close(grads(fast, x, torch.bfloat16), want)
 
 
-# --- folded MLP activation (lora_recompute_act) ------------------------------
+# --- folded MLP activation (lora_recompute_act) ------------------------------------
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of distinct storages autograd keeps for backward after one forward under bf16 autocast
@@ -583,13 +310,13 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("family, freeze_a", [("vit", False), ("vit", True), ("convnext-linear", False)])
-def test_folded_gelu_same_outputs_and_grads_less_saved(family, freeze_a):
+def test_folded_gelu_same_outputs_and_grads_less_saved(family, freeze_a, adapted, images, perturb_adapters):
     """Folding each MLP's GELU into its LoRA fc2 changes neither outputs nor gradients (float32 and
     bf16 autocast), nor the state-dict keys; with a trainable A it keeps one tokens x hidden
     activation less per block for backward (frozen A keeps no input anyway)."""
     cfg = dict(method="lora+norm+head", lora_freeze_a=freeze_a)
     folded, kept = adapted(family, **cfg), adapted(family, **cfg, lora_recompute_act=False)
-    perturb(folded)
+    perturb_adapters(folded)
     kept.load_state_dict(folded.state_dict())
     assert folded.state_dict().keys() == kept.state_dict().keys()
     mlps = [m for m in folded.modules() if type(m).__name__ == "Mlp"]
@@ -626,10 +353,10 @@ def mlp_tokens(model: nn.Module, x: torch.Tensor) -> list[int]:
     return rows
 
 
-def test_folded_gelu_merges_and_falls_back():
+def test_folded_gelu_merges_and_falls_back(adapted, images, perturb_adapters):
     """A folded fc2 still applies its GELU when merged or on the naive path, and a non-GELU is refused."""
     model = adapted("vit", "lora+head").eval()
-    perturb(model)
+    perturb_adapters(model)
     x = images()
     with torch.no_grad():
         y = model(x)

@@ -1,4 +1,4 @@
-"""Server-side aggregation of adapter deltas, with real Flower messages."""
+"""server/strategy.py: a round with real Flower messages drops bad replies and aggregates the rest."""
 
 from __future__ import annotations
 
@@ -6,18 +6,15 @@ import math
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedmeld.task.wire import pack, unpack
 from fedmeld.server.delta import DeltaProtocol
 from fedmeld.server.optimizers import ServerOptimizer
 from fedmeld.server.strategy import FedmeldStrategy
-from fedmeld.task.aggregators import AGGREGATORS
 from fedmeld.task.aggregators.mean import weighted_mean
-from fedmeld.task.wire import payload_bytes
+from fedmeld.task.wire import pack, payload_bytes, unpack
 
-
-pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py: messages need a task identity
 
 
 class FakeGrid:
@@ -30,12 +27,6 @@ class FakeGrid:
         return self.node_ids
 
 
-def _state(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"layer.lora_A": torch.randn(4, 6, generator=g), "layer.lora_B": torch.randn(5, 4, generator=g),
-            "norm.weight": torch.randn(5, generator=g)}
-
-
 def _reply(instruction: Message, delta: dict[str, torch.Tensor] | None, n: int) -> Message:
     if delta is None:
         return Message(Error(code=2, reason="Traceback ...\nRuntimeError: CUDA out of memory"), reply_to=instruction)
@@ -43,29 +34,18 @@ def _reply(instruction: Message, delta: dict[str, torch.Tensor] | None, n: int) 
                    reply_to=instruction)
 
 
-def test_weighted_mean_matches_hand_computation():
-    deltas, weights = [_state(1), _state(2), _state(3)], [10, 30, 60]
-    mean = weighted_mean(deltas, weights)
-    for name in deltas[0]:
-        by_hand = (10 * deltas[0][name] + 30 * deltas[1][name] + 60 * deltas[2][name]) / 100
-        torch.testing.assert_close(mean[name], by_hand, rtol=0, atol=1e-6)
-    assert AGGREGATORS["fedavg"].fn is weighted_mean
-    with pytest.raises(ValueError, match="one weight per delta"):
-        weighted_mean(deltas, [1, 2])
-
-
-def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
-    global_state = _state(0)
+def test_round_drops_bad_replies_and_aggregates_the_rest(caplog, toy_state):
+    global_state = toy_state(0)
     strategy = FedmeldStrategy(DeltaProtocol({k: v.clone() for k, v in global_state.items()}, weighted_mean,
                                              ServerOptimizer(lr=0.5)), min_available_nodes=1, min_train_nodes=1)
     instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(
         1, pack(global_state), ConfigRecord({}), FakeGrid([11, 12, 13, 14, 15, 16, 17]))}
-    good = {11: (_state(1), 100), 12: (_state(2), 300)}
-    nan = _state(3)
+    good = {11: (toy_state(1), 100), 12: (toy_state(2), 300)}
+    nan = toy_state(3)
     nan["norm.weight"][2] = math.nan
-    wrong_shape = _state(4)
+    wrong_shape = toy_state(4)
     wrong_shape["layer.lora_A"] = torch.zeros(4, 7)
-    missing = _state(5)
+    missing = toy_state(5)
     del missing["norm.weight"]
     replies = [_reply(instructions[k], d, n) for k, (d, n) in good.items()] + [
         _reply(instructions[13], nan, 50), _reply(instructions[14], wrong_shape, 50),
@@ -86,8 +66,8 @@ def test_round_drops_bad_replies_and_aggregates_the_rest(caplog):
         assert f"rejected reply from node {node}" in caplog.text and why in caplog.text
 
 
-def test_round_with_no_usable_reply_keeps_the_global_state():
-    global_state = _state(0)
+def test_round_with_no_usable_reply_keeps_the_global_state(toy_state):
+    global_state = toy_state(0)
     strategy = FedmeldStrategy(DeltaProtocol(dict(global_state), weighted_mean), min_available_nodes=1,
                                min_train_nodes=1)
     [instruction] = strategy.configure_train(1, pack(global_state), ConfigRecord({}), FakeGrid([3]))
@@ -95,7 +75,7 @@ def test_round_with_no_usable_reply_keeps_the_global_state():
     assert all(torch.equal(strategy.protocol.global_state()[k], v) for k, v in global_state.items())
 
 
-def test_a_failing_client_does_not_stop_the_federation():
+def test_a_failing_client_does_not_stop_the_federation(toy_state):
     """Flower's own strategy loop over the in-process Grid: one client raises every round, the others
     send deltas; each round completes with the failure counted and the rest aggregated."""
     from flwr.clientapp import ClientApp
@@ -112,7 +92,7 @@ def test_a_failing_client_does_not_stop_the_federation():
         return Message(RecordDict({"arrays": pack(delta), "metrics": MetricRecord({"num-examples": 10})}),
                        reply_to=msg)
 
-    start = _state(0)
+    start = toy_state(0)
     strategy = FedmeldStrategy(DeltaProtocol(dict(start), weighted_mean), fraction_evaluate=0.0,
                                min_available_nodes=3)
     strategy.start(InProcessGrid(app, 3), pack(start), num_rounds=2)
@@ -121,28 +101,13 @@ def test_a_failing_client_does_not_stop_the_federation():
     assert [(s["num_clients_ok"], s["num_clients_failed"]) for s in strategy.round_stats.values()] == [(2, 1), (2, 1)]
 
 
-def test_a_client_without_validation_data_replies_and_is_skipped(medmnist_root, task_identity):
-    """Dirichlet shards can be tiny: with 3 clients (seed 0) partition 2 keeps no validation images.
-    Its evaluate reply says num-examples 0 instead of failing, and the weighted mean skips it."""
-    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+def test_the_server_rejects_an_unpacked_reply_as_a_bad_reply():
+    from fedmeld.server.delta import DeltaProtocol
+    from fedmeld.server.strategy import BadReply, parse_reply
 
-    from fedmeld.client.app import evaluate_handler, load_shard
-    from fedmeld.task.config import RunConfig
-    from fedmeld.task.data import task_info
-    from fedmeld.task.model import build_model
-    from fedmeld.peft import adapter_state
-
-    cfg = RunConfig.from_mapping({"model": "resnet10t", "num-clients": 3, "data-root": str(medmnist_root)})
-    assert len(load_shard(cfg, 2, 3).val) == 0
-    state = adapter_state(build_model(cfg, task_info(cfg.dataset)))
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3},
-                      state=RecordDict(), run_config={})
-    msg = Message(RecordDict({"arrays": pack(state), "config": ConfigRecord(cfg.to_flower())}),
-                  dst_node_id=7, message_type="evaluate")
-    reply = evaluate_handler(msg, context)
-    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
-    strategy = FedmeldStrategy(DeltaProtocol(state, lambda d, w: d[0]))
-    strategy.round_stats[1] = {}
-    other = Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, "val_accuracy": 0.5, "val_loss": 1.0})}),
-                    reply_to=msg)
-    assert strategy.aggregate_evaluate(1, [reply, other])["val_accuracy"] == 0.5
+    reference = {"w": torch.zeros(2)}
+    instruction = Message(RecordDict({"arrays": pack(reference)}), dst_node_id=3, message_type="train")
+    reply = Message(RecordDict({"arrays": ArrayRecord({"w": torch.ones(2)}),
+                                "metrics": MetricRecord({"num-examples": 4})}), reply_to=instruction)
+    with pytest.raises(BadReply, match="not a fedmeld-packed record"):
+        parse_reply(reply, DeltaProtocol(reference, lambda d, w: d[0]))

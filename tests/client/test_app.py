@@ -1,0 +1,34 @@
+"""client/app.py: the ClientApp's handlers with real Flower messages."""
+
+from __future__ import annotations
+
+from fedmeld.server.delta import DeltaProtocol
+from fedmeld.server.strategy import FedmeldStrategy
+from fedmeld.task.wire import pack
+
+
+def test_a_client_without_validation_data_replies_and_is_skipped(medmnist_root, task_identity):
+    """Dirichlet shards can be tiny: with 3 clients (seed 0) partition 2 keeps no validation images.
+    Its evaluate reply says num-examples 0 instead of failing, and the weighted mean skips it."""
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+    from fedmeld.client.app import evaluate_handler, load_shard
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.data import task_info
+    from fedmeld.task.model import build_model
+    from fedmeld.peft import adapter_state
+
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "num-clients": 3, "data-root": str(medmnist_root)})
+    assert len(load_shard(cfg, 2, 3).val) == 0
+    state = adapter_state(build_model(cfg, task_info(cfg.dataset)))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    msg = Message(RecordDict({"arrays": pack(state), "config": ConfigRecord(cfg.to_flower())}),
+                  dst_node_id=7, message_type="evaluate")
+    reply = evaluate_handler(msg, context)
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
+    strategy = FedmeldStrategy(DeltaProtocol(state, lambda d, w: d[0]))
+    strategy.round_stats[1] = {}
+    other = Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, "val_accuracy": 0.5, "val_loss": 1.0})}),
+                    reply_to=msg)
+    assert strategy.aggregate_evaluate(1, [reply, other])["val_accuracy"] == 0.5

@@ -1,0 +1,83 @@
+"""task/backbone_merge.py: replicas of the backbone follow the server through low-rank updates
+(LTE, and aggregation=exact with mixed ranks)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedmeld.task.backbone_merge import (Backbone, BackboneMergeServer, base_state, build_merge_model, client_round,
+                                         dense_state, snapshot, sync)
+from fedmeld.task.config import RunConfig
+from fedmeld.task.data import load_split, task_info
+from fedmeld.task.wire import nbytes
+
+CPU = torch.device("cpu")
+
+
+def _cfg(medmnist_root, **overrides) -> RunConfig:
+    return RunConfig.from_mapping({"model": "vit_pico_patch4_28", "peft": "lte", "data-root": str(medmnist_root),
+                                   "device": "cpu", "batch-size": 16, "lte-heads": 2, "lr": 3e-3,
+                                   "local-epochs": 1, **overrides})
+
+
+def test_federated_replicas_follow_the_server_through_low_rank_updates(medmnist_root):
+    """Three clients, three rounds, client 2 misses round 2 and catches up from the missed factors;
+    every replica ends equal to the server's backbone, and only factors and replicas crossed."""
+    cfg = _cfg(medmnist_root, **{"lora-rank": 2})
+    info = task_info(cfg.dataset)
+    data = load_split(cfg.dataset, "train", data_root=cfg.data_root)
+    shards = [data.subset(range(i * 48, (i + 1) * 48)) for i in range(3)]
+    model = build_merge_model(cfg, info)
+    server = BackboneMergeServer(base_state(model), dense_state(model))
+    initial = snapshot(base_state(model))
+    replicas, versions = [Backbone(initial, 0) for _ in shards], [0, 0, 0]
+    full_bytes = nbytes(snapshot(model.state_dict()))
+    factor_bytes = 4 * cfg.lte_heads * cfg.lora_rank * sum(w.shape[0] + w[0].numel() for w in initial.values())
+    for rnd in range(1, 4):
+        replies = []
+        for k, shard in enumerate(shards):
+            if rnd == 2 and k == 2:
+                continue
+            payload, _ = server.payload(versions[k])
+            assert all(key.startswith(("update/", "dense/")) for key in payload)  # never the backbone
+            assert nbytes(payload) < full_bytes / 2  # rank 3 clients x 2 heads x 2 of width 64
+            replicas[k], reply, _ = client_round(model, replicas[k], payload, server.version, shard, info, cfg,
+                                                 CPU, seed=rnd * 10 + k)
+            versions[k] = replicas[k].version
+            assert nbytes(reply) == factor_bytes + nbytes(server.dense) < full_bytes / 4
+            replies.append((reply, float(len(shard))))
+        server.aggregate(replies)
+    rank = 3 * cfg.lte_heads * cfg.lora_rank
+    assert all(update.shape[-1] == rank for key, update in server.updates[3].items() if key.endswith("/B"))
+    assert not torch.equal(server.backbone.base["blocks.0.mlp.fc1.weight"], initial["blocks.0.mlp.fc1.weight"])
+    for k in range(3):
+        payload, catchup = server.payload(versions[k])
+        assert catchup == (nbytes({key: v for key, v in payload.items() if key.startswith("update/2/")}) if k == 2 else 0)
+        replica = sync(replicas[k], payload, server.version)
+        for name, weight in server.backbone.base.items():
+            assert (replica.base[name] - weight).abs().max() <= 1e-5, name
+
+
+def test_server_aggregate_is_the_weighted_mean_of_client_products():
+    base = {"l.weight": torch.zeros(4, 6)}
+    server = BackboneMergeServer(base, {"r": torch.zeros(2)})
+    g = torch.Generator().manual_seed(0)
+    clients = [({"factor/l/B": torch.randn(4, 2, generator=g), "factor/l/A": torch.randn(2, 6, generator=g),
+                 "dense/r": torch.randn(2, generator=g)}, w) for w in (1.0, 3.0)]
+    server.aggregate(clients)
+    expected = sum(w * (d["factor/l/B"] @ d["factor/l/A"]) for d, w in clients) / 4
+    torch.testing.assert_close(server.backbone.base["l.weight"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(server.dense["r"], (clients[0][0]["dense/r"] + 3 * clients[1][0]["dense/r"]) / 4)
+
+
+def test_exact_merges_mixed_ranks_into_the_backbone(client_factors):
+    """What the server of aggregation=exact does with the stacked factors: the backbone moves by
+    exactly the weighted mean of the clients' products, whatever their ranks."""
+    from fedmeld.task.backbone_merge import BackboneMergeServer
+
+    clients = client_factors((2, 4, 8), out=4, inp=6)
+    server = BackboneMergeServer({"l.weight": torch.ones(4, 6)}, {})
+    server.aggregate([({f"factor/{k}": v for k, v in c.items()}, w) for c, w in zip(clients, (1.0, 1.0, 2.0))])
+    by_hand = (clients[0]["l/B"] @ clients[0]["l/A"] + clients[1]["l/B"] @ clients[1]["l/A"]
+               + 2 * clients[2]["l/B"] @ clients[2]["l/A"]) / 4
+    assert (server.backbone.base["l.weight"] - 1 - by_hand).abs().max() <= 1e-5
