@@ -37,7 +37,8 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     kind = PROTOCOLS[cfg.protocol]
     model = kind.build_model(cfg, central.info).to(central.device)
     protocol = kind.for_run(cfg, model)
-    strategy = FedmeldStrategy(protocol, fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
+    strategy = FedmeldStrategy(protocol, min_replies=min(cfg.min_clients, cfg.num_clients),
+                               fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
                                min_train_nodes=1, min_evaluate_nodes=1,
                                min_available_nodes=min(cfg.min_clients, cfg.num_clients))
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 WEIGHT_KEY = "num-examples"
 # What metrics.jsonl records for every round, whatever the protocol (NaN where a round has no value).
-ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "bytes_down", "bytes_up", "catchup_bytes",
+ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "failed_nodes", "applied", "bytes_down",
+               "bytes_up", "catchup_bytes",
                "train_loss", "client_val_accuracy", "samples_seen", "slowest_client_train_seconds",
                "sum_client_train_seconds", "client_img_per_s", "client_peak_memory_mb", "backbone_checksum_rel_diff")
 
@@ -152,10 +153,12 @@ def client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
 class FedmeldStrategy(FedAvg):
     """FedAvg's sampling and messaging around a ``Protocol``, with bad replies dropped."""
 
-    def __init__(self, protocol: Protocol, **kwargs) -> None:
+    def __init__(self, protocol: Protocol, min_replies: int = 1, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.protocol = protocol
-        self.round_stats: dict[int, dict[str, float]] = {}  # what metrics.jsonl records per round
+        self.min_replies = min_replies  # fewer good train replies: the round is recorded, not applied
+        self.round_stats: dict[int, dict] = {}  # what metrics.jsonl records per round
+        self._sampled: dict[int, list[int]] = {}  # round -> nodes sent a train instruction
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, min_nodes: int,
                   message_type: str) -> list[Message]:
@@ -167,8 +170,8 @@ class FedmeldStrategy(FedAvg):
         config = ConfigRecord({**config, "server-round": server_round})
         stats = self.round_stats.setdefault(server_round, {
             "round_start": time.perf_counter(), **dict.fromkeys(ROUND_STATS, math.nan),
-            "num_sampled": 0, "num_clients_ok": 0, "num_clients_failed": 0, "bytes_down": 0, "bytes_up": 0,
-            "catchup_bytes": 0, "samples_seen": 0})
+            "num_sampled": 0, "num_clients_ok": 0, "num_clients_failed": 0, "failed_nodes": [], "applied": False,
+            "bytes_down": 0, "bytes_up": 0, "catchup_bytes": 0, "samples_seen": 0})
         packed: tuple[int, ArrayRecord] | None = None  # a payload shared by every node is packed once
         messages = []
         for node in node_ids:
@@ -186,6 +189,7 @@ class FedmeldStrategy(FedAvg):
         messages = self._messages(server_round, config, grid, self.fraction_train, self.min_train_nodes,
                                   MessageType.TRAIN)
         self.round_stats[server_round].update(num_sampled=len(messages), num_clients_failed=len(messages))
+        self._sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -196,19 +200,29 @@ class FedmeldStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good: list[tuple[Message, Reply]] = []
+        failed: dict[int, str] = {}  # node -> why its reply is not used
+        answered = set()
         for msg in replies:
+            answered.add(msg.metadata.src_node_id)
             try:
                 good.append((msg, parse_reply(msg, self.protocol)))
             except BadReply as bad:
+                failed[msg.metadata.src_node_id] = str(bad)
                 log.warning("round %d: rejected reply from node %d: %s", server_round, msg.metadata.src_node_id, bad)
+        for node in set(self._sampled.get(server_round, [])) - answered:
+            failed[node] = "no reply within round-timeout"
+            log.warning("round %d: node %d sent no reply within round-timeout", server_round, node)
         stats = self.round_stats[server_round]
         stats["num_clients_ok"] = len(good)
         stats["num_clients_failed"] = stats["num_sampled"] - len(good)  # errors, rejects and timeouts
+        stats["failed_nodes"] = [[node, why] for node, why in sorted(failed.items())]
         stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _ in good)
-        if not good:
-            log.warning("round %d: no usable replies; the global model is unchanged", server_round)
+        if len(good) < self.min_replies:
+            log.warning("round %d: %d usable replies, fewer than min-clients %d; the global model is unchanged",
+                        server_round, len(good), self.min_replies)
             return None, None
         self.protocol.aggregate([r for _, r in good])
+        stats["applied"] = True
         metrics = self.train_metrics_aggr_fn([m.content for m, _ in good], WEIGHT_KEY)
         stats["train_loss"] = float(metrics.get("train_loss", math.nan))
         stats.update(client_speed([r.metrics for _, r in good]))

@@ -163,7 +163,9 @@ class RunConfig:
                              "(personalisation: e.g. norm weights for FedBN-style, head for FedPer-style).")
     fraction_train: float = _key(1.0, "Fraction of connected clients sampled each round.",
                                  check=_fraction[0], rule=_fraction[1])
-    min_clients: int = _key(2, "Minimum connected clients before a round starts (deployment).",
+    min_clients: int = _key(2, "Minimum connected clients before a round starts (deployment), and minimum usable "
+                               "train replies for a round to change the global model (fewer: the round is "
+                               "recorded, the model unchanged).",
                             check=_positive[0], rule=_positive[1])
     round_timeout: int = _key(600, "Seconds the server waits for replies in a round; late clients are dropped.",
                               check=_positive[0], rule=_positive[1])

@@ -83,6 +83,7 @@ def sabotaged_runs(medmnist_root, tmp_path_factory) -> dict[str, tuple[RunConfig
         cfg = RunConfig.from_mapping({
             "data-root": str(medmnist_root), "model": "vit_pico_patch4_28", "num-clients": 6, "partition": "iid",
             "num-server-rounds": 2, "local-epochs": 1, "batch-size": 32, "device": "cpu", "out": str(out),
+            "min-clients": 1,
             "run-name": name, **overrides})
         handler = _Capture()
         logging.getLogger("fedmeld.server.strategy").addHandler(handler)
@@ -110,7 +111,8 @@ def test_malformed_replies_are_rejected_and_the_round_completes(case, sabotaged_
     assert cfg.protocol == ("delta" if case == "fedavg" else "backbone-merge")
     assert [r["round"] for r in rounds] == [1, 2]  # every round completed and was recorded
     for record in rounds:
-        assert (record["num_clients_ok"], record["num_clients_failed"]) == (1, 5)
+        assert (record["num_clients_ok"], record["num_clients_failed"], record["applied"]) == (1, 5, True)
+        assert len(record["failed_nodes"]) == 5 and all(why for _, why in record["failed_nodes"])
         assert record["test_accuracy"] == record["test_accuracy"]  # evaluated (not NaN)
     for why, _ in CORRUPTIONS.values():
         assert sum(why in line for line in log.splitlines() if "rejected reply" in line) == 2, (why, log)

@@ -111,3 +111,21 @@ def test_the_server_rejects_an_unpacked_reply_as_a_bad_reply():
                                 "metrics": MetricRecord({"num-examples": 4})}), reply_to=instruction)
     with pytest.raises(BadReply, match="not a fedmeld-packed record"):
         parse_reply(reply, DeltaProtocol(reference, lambda d, w: d[0]))
+
+
+def test_a_round_below_min_replies_is_recorded_and_not_applied(caplog, toy_state):
+    """min-clients: with fewer usable replies the round is recorded (who failed and why, including a
+    node that never answered) and the global model stays as it was."""
+    global_state = toy_state(0)
+    strategy = FedmeldStrategy(DeltaProtocol(dict(global_state), weighted_mean), min_replies=2,
+                               min_available_nodes=1, min_train_nodes=1)
+    instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, pack(global_state), ConfigRecord({}), FakeGrid([1, 2, 3]))}
+    replies = [_reply(instructions[1], toy_state(1), 10), _reply(instructions[2], None, 0)]  # node 3: silent
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert all(torch.equal(strategy.protocol.global_state()[k], v) for k, v in global_state.items())
+    stats = strategy.round_stats[1]
+    assert (stats["num_clients_ok"], stats["num_clients_failed"], stats["applied"]) == (1, 2, False)
+    assert stats["failed_nodes"] == [[2, "client error 2: RuntimeError: CUDA out of memory"],
+                                     [3, "no reply within round-timeout"]]
+    assert "fewer than min-clients 2" in caplog.text
