@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmeld.client import backbone_merge, delta
@@ -38,7 +38,9 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg = run_config(msg, context)
     shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
     seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
-    return PROTOCOLS[cfg.protocol].train(msg, context, cfg, shard.train, seed)
+    reply = PROTOCOLS[cfg.protocol].train(msg, context, cfg, shard.train, seed)
+    reply.content["metrics"]["partition-id"] = _partition_id(context)  # the server aggregates in this order
+    return reply
 
 
 @app.evaluate()
@@ -47,6 +49,13 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     cfg = run_config(msg, context)
     shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
     return PROTOCOLS[cfg.protocol].evaluate(msg, context, cfg, shard.val)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Which shard this node holds. Node ids differ from run to run (simulation and deployment draw
+    them), partitions do not: the server samples and orders clients by partition."""
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:

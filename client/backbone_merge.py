@@ -17,8 +17,8 @@ from fedmeld.task.backbone_merge import (VERSION_KEY, Backbone, State, base_stat
                                          global_dense, load, snapshot, sync)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, task_info
+from fedmeld.task.engine import Inputs, pick_device
 from fedmeld.task.engine import evaluate as evaluate_model
-from fedmeld.task.engine import pick_device
 from fedmeld.task.wire import pack, payload_bytes, unpack
 
 BASE_KEY, SYNC_KEY = "fedmeld.backbone", "fedmeld.backbone-sync"  # this node's replica in context.state
@@ -28,7 +28,8 @@ def train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int
     payload = unpack(msg.content["arrays"])
     target = int(msg.content["backbone"]["version"])
     backbone, reply, stats = client_round(_model(cfg), _backbone(context, cfg), payload, target, data,
-                                          task_info(cfg.dataset), cfg, pick_device(cfg.device), seed)
+                                          task_info(cfg.dataset), cfg, pick_device(cfg.device), seed,
+                                          server_round=int(msg.content["config"]["server-round"]))
     _store(context, backbone)
     arrays = pack(reply)
     metrics = MetricRecord({"num-examples": len(data), **stats, VERSION_KEY: backbone.version,
@@ -47,7 +48,7 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split) -> Mes
         model = _model(cfg)
         load(model, backbone.base, global_dense(payload))
         result = evaluate_model(model, data, task_info(cfg.dataset), device=pick_device(cfg.device),
-                                input_size=cfg.input_size)
+                                inputs=Inputs.of(cfg))
         metrics |= {"val_loss": result.loss, "val_accuracy": result.accuracy}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -10,10 +10,11 @@ from torch import Tensor, nn
 from fedmeld.peft import adapter_state, load_adapter_state, resize_ranks
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, task_info
+from fedmeld.task.engine import Inputs, pick_device
 from fedmeld.task.engine import evaluate as evaluate_model
-from fedmeld.task.engine import pick_device
 from fedmeld.task.engine import train as train_model
 from fedmeld.task.model import build_model, is_local, make_optimizer
+from fedmeld.task.schedule import lr_at
 from fedmeld.task.wire import pack, payload_bytes, unpack
 
 LOCAL_KEY = "fedmeld.local-params"  # this node's own tensors, kept in Flower's per-node context.state
@@ -22,10 +23,11 @@ LOCAL_KEY = "fedmeld.local-params"  # this node's own tensors, kept in Flower's 
 def train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int) -> Message:
     global_state = _global_state(msg, cfg)
     model = _load_model(cfg, global_state, context)
+    server_round = int(msg.content["config"]["server-round"])
     stats = train_model(model, data, task_info(cfg.dataset), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                         lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device),
-                        input_size=cfg.input_size, seed=seed, prox_mu=cfg.proximal_mu,
-                        optimizer=make_optimizer(model, cfg))
+                        inputs=Inputs.of(cfg), seed=seed, prox_mu=cfg.proximal_mu,
+                        optimizer=make_optimizer(model, cfg), lr_at=lambda epoch: lr_at(cfg, server_round, epoch))
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     if cfg.local_params:
         context.state[LOCAL_KEY] = pack({k: v for k, v in state.items() if is_local(k, cfg)})
@@ -38,7 +40,7 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split) -> Mes
     if not len(data):  # a tiny skewed shard can leave nothing to validate on: say so, don't fail
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     result = evaluate_model(_load_model(cfg, _global_state(msg, cfg), context), data, task_info(cfg.dataset),
-                            device=pick_device(cfg.device), input_size=cfg.input_size)
+                            device=pick_device(cfg.device), inputs=Inputs.of(cfg))
     metrics = MetricRecord({"num-examples": len(data), "val_loss": result.loss, "val_accuracy": result.accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -37,19 +37,18 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     kind = PROTOCOLS[cfg.protocol]
     model = kind.build_model(cfg, central.info).to(central.device)
     protocol = kind.for_run(cfg, model)
-    strategy = FedmeldStrategy(protocol, min_replies=min(cfg.min_clients, cfg.num_clients),
+    strategy = FedmeldStrategy(protocol, min_replies=min(cfg.min_clients, cfg.num_clients), seed=cfg.seed,
                                fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
                                min_train_nodes=1, min_evaluate_nodes=1,
                                min_available_nodes=min(cfg.min_clients, cfg.num_clients))
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         protocol.load_into(model)
-        metrics = central(model, server_round, strategy.round_stats.get(server_round, {}))
-        if server_round:
-            central.recorder.checkpoint(protocol.global_state(), server_round)
-        return metrics
+        return central(model, server_round, strategy.round_stats.get(server_round, {}), protocol.global_state())
 
     strategy.start(grid, ArrayRecord(), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
                    evaluate_fn=central_evaluate)
-    return central.finish(model, protocol.export_state(model), protocol.global_state())
+    last = protocol.export_state(model)
+    selected = protocol.export_state(model, central.selected) if central.selected else None
+    return central.finish(model, last, protocol.global_state(), selected)

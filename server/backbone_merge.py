@@ -11,10 +11,9 @@ import torch
 from flwr.app import ConfigRecord, Message
 from torch import nn
 
-from fedmeld.peft import merged_state_dict
 from fedmeld.server.strategy import Protocol, Reply, State
 from fedmeld.task.backbone_merge import (VERSION_KEY, BackboneMergeServer, base_state, build_merge_model, checksum,
-                                         dense_rule, dense_state, load)
+                                         dense_rule, dense_state, global_dense, load)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import TaskInfo
 
@@ -68,13 +67,13 @@ class BackboneMergeProtocol(Protocol):
                 diffs.append(abs(float(metrics["base-checksum"]) - reference) / reference)
         return {"backbone_checksum_rel_diff": max(diffs, default=math.nan)}
 
-    def load_into(self, model: nn.Module) -> None:
-        load(model, self.server.backbone.base, self.server.dense)
+    def load_into(self, model: nn.Module, state: State | None = None) -> None:
+        """The backbone and dense tensors (heads reset: nothing pending)."""
+        if state is None:
+            load(model, self.server.backbone.base, self.server.dense)
+        else:
+            load(model, {k[5:]: v for k, v in state.items() if k.startswith("base/")}, global_dense(state))
 
     def global_state(self) -> State:
         return {f"base/{k}": v for k, v in self.server.backbone.base.items()} | \
                {f"dense/{k}": v for k, v in self.server.dense.items()}
-
-    def export_state(self, model: nn.Module) -> State:
-        self.load_into(model)  # heads reset: nothing pending
-        return merged_state_dict(model)

@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord
 from torch import nn
 
-from fedmeld.peft import adapter_state, load_adapter_state, merged_state_dict, resize_ranks
+from fedmeld.peft import adapter_state, load_adapter_state, resize_ranks
 from fedmeld.server.optimizers import ServerOptimizer
 from fedmeld.server.strategy import Protocol, Reply, State
 from fedmeld.task.aggregators import AggregateFn
@@ -56,12 +56,8 @@ class DeltaProtocol(Protocol):
         step = self.server_opt.step(self.rule([r.state for r in replies], [r.weight for r in replies]))
         self.state = {k: (v + step[k]).to(v.dtype) for k, v in self.state.items()}
 
-    def load_into(self, model: nn.Module) -> None:
-        load_adapter_state(model, {**self.local, **self.state})
+    def load_into(self, model: nn.Module, state: State | None = None) -> None:
+        load_adapter_state(model, {**self.local, **(self.state if state is None else state)})
 
     def global_state(self) -> State:
         return self.state
-
-    def export_state(self, model: nn.Module) -> State:
-        self.load_into(model)
-        return merged_state_dict(model)

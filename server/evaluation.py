@@ -1,19 +1,29 @@
-"""What every ServerApp does besides aggregating: evaluate the global model on the official test
-split each round, record it, and at the end export the merged model and write the summary."""
+"""What every ServerApp does besides aggregating: evaluate the global model on the official
+validation and test splits each round, record them, keep the round the validation metric selects,
+and at the end export the merged models and write the summary.
+
+Selection follows MedMNIST v2's protocol: the reported model is the one with the best
+``select-metric`` on the dataset's official ``val`` split; its test metrics are reported beside
+the last round's. Picking the best *test* round would overstate the result, so the test split never
+chooses anything.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import MetricRecord
 
+from fedmeld.server.report import RunRecorder, default_run_name, make_run_dir, select_round
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo, load_split, task_info
-from fedmeld.task.engine import evaluate, pick_device
+from fedmeld.task.engine import Inputs, evaluate, pick_device
+from fedmeld.task.schedule import lr_at
 from fedmeld.task.wire import nbytes
-from fedmeld.server.report import RunRecorder, default_run_name, make_run_dir
+
+State = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -22,31 +32,46 @@ class CentralEvaluation:
     recorder: RunRecorder
     info: TaskInfo
     device: torch.device
+    val: Split
     test: Split
     train_labels: torch.Tensor
+    selected: State = field(default_factory=dict)  # the global state of the selected round so far
 
     @classmethod
     def start(cls, cfg: RunConfig) -> CentralEvaluation:
         """A new run directory and the splits the server evaluates on."""
         recorder = RunRecorder(make_run_dir(cfg.out, cfg.run_name or default_run_name(cfg)))
-        train = load_split(cfg.dataset, "train", cfg.image_size, cfg.data_root)
-        return cls(cfg, recorder, task_info(cfg.dataset), pick_device(cfg.device),
-                   load_split(cfg.dataset, "test", cfg.image_size, cfg.data_root), train.labels)
+        split = {s: load_split(cfg.dataset, s, cfg.image_size, cfg.data_root) for s in ("train", "val", "test")}
+        return cls(cfg, recorder, task_info(cfg.dataset), pick_device(cfg.device), split["val"], split["test"],
+                   split["train"].labels)
 
-    def __call__(self, model: torch.nn.Module, server_round: int, round_stats: dict[str, float]) -> MetricRecord:
-        """Test metrics of ``model`` as it stands after ``server_round`` (0: before training), recorded."""
-        result = evaluate(model, self.test, self.info, device=self.device, input_size=self.cfg.input_size)
-        metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_auc": result.auc}
-        self.recorder.log_evaluation(server_round, metrics, round_stats, self.cfg.num_server_rounds)
+    def __call__(self, model: torch.nn.Module, server_round: int, round_stats: dict,
+                 global_state: State) -> MetricRecord:
+        """Validation and test metrics of ``model`` as it stands after ``server_round`` (0: before
+        training), recorded; ``global_state`` (what produced ``model``) is kept, and checkpointed as
+        ``selected.safetensors``, when the validation metric selects this round."""
+        metrics = {}
+        for name, split in (("val", self.val), ("test", self.test)):
+            result = evaluate(model, split, self.info, device=self.device, inputs=Inputs.of(self.cfg))
+            metrics |= {f"{name}_loss": result.loss, f"{name}_accuracy": result.accuracy, f"{name}_auc": result.auc}
+        extra = {"lr": lr_at(self.cfg, server_round)} if server_round else {}
+        self.recorder.log_evaluation(server_round, metrics, {**round_stats, **extra}, self.cfg.num_server_rounds)
+        if server_round:
+            self.recorder.checkpoint(global_state, server_round)
+            if select_round(self.recorder.rounds, self.cfg.select_metric)["round"] == server_round:
+                self.selected = {k: v.detach().cpu().clone() for k, v in global_state.items()}
+                self.recorder.checkpoint(self.selected, server_round, name="selected.safetensors")
         return MetricRecord(metrics)
 
-    def finish(self, model: torch.nn.Module, plain_state: dict[str, torch.Tensor],
-               global_state: dict[str, torch.Tensor]) -> Path:
-        """Export ``plain_state`` (loads into plain timm) and write summary.json, with the sizes every
-        protocol reports; return the run directory."""
-        export = self.recorder.export_model(plain_state, {
-            "timm_model": self.cfg.model, "num_classes": str(self.info.num_classes),
-            "in_chans": str(self.info.in_chans), "image_size": str(self.cfg.model_size)})
+    def finish(self, model: torch.nn.Module, plain_state: State, global_state: State,
+               selected_plain_state: State | None = None) -> Path:
+        """Export ``plain_state`` (the last round; loads into plain timm) and the selected round's,
+        and write summary.json with the sizes every protocol reports; return the run directory."""
+        metadata = {"timm_model": self.cfg.model, "num_classes": str(self.info.num_classes),
+                    "in_chans": str(self.info.in_chans), "image_size": str(self.cfg.model_size)}
+        export = self.recorder.export_model(plain_state, metadata)
+        if selected_plain_state is not None:
+            self.recorder.export_model(selected_plain_state, metadata, name="model_selected.safetensors")
         rounds = self.recorder.rounds
         self.recorder.finish(
             self.cfg, model, self.test.labels, self.train_labels, export,

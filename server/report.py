@@ -7,6 +7,7 @@ leaves a half-written checkpoint or summary behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -20,8 +21,20 @@ from safetensors.torch import save_file
 
 from fedmeld.task.config import RunConfig
 
-ROUND_KEYS = ("round", "test_accuracy", "test_auc", "test_loss", "train_loss", "num_clients_ok",
-              "num_clients_failed", "bytes_up", "bytes_down", "round_seconds")
+ROUND_KEYS = ("round", "val_accuracy", "val_auc", "val_loss", "test_accuracy", "test_auc", "test_loss", "lr",
+              "train_loss", "num_clients_ok", "num_clients_failed", "bytes_up", "bytes_down", "round_seconds")
+
+
+def select_round(rounds: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The round the official validation split selects: the best ``metric`` (lowest for a loss),
+    the earliest of equals; a NaN never wins."""
+    sign = -1.0 if metric.endswith("loss") else 1.0
+
+    def score(record: dict[str, Any]) -> float:
+        value = float(record[metric])
+        return -math.inf if math.isnan(value) else sign * value
+
+    return max(rounds, key=lambda r: (score(r), -r["round"]))
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -65,6 +78,7 @@ class RunRecorder:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.rounds: list[dict[str, Any]] = []
+        self.selected_round: int | None = None  # set by finish
         self.initial: dict[str, float] = {}  # the global model's test metrics before round 1
         self.started = time.perf_counter()
 
@@ -84,18 +98,18 @@ class RunRecorder:
             f.write(json.dumps(record) + "\n")
         print(f"[fedmeld] round {record['round']}/{num_rounds}: clients {record['num_clients_ok']} ok"
               f" / {record['num_clients_failed']} failed | train loss {record['train_loss']:.4f}"
-              f" | test acc {record['test_accuracy']:.4f} auc {record['test_auc']:.4f}"
+              f" | val auc {record['val_auc']:.4f} | test acc {record['test_accuracy']:.4f} auc {record['test_auc']:.4f}"
               f" | up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB"
               f" | {record['round_seconds']:.1f} s", flush=True)
 
-    def checkpoint(self, state: dict[str, torch.Tensor], server_round: int) -> None:
+    def checkpoint(self, state: dict[str, torch.Tensor], server_round: int, name: str = "adapter.safetensors") -> None:
         tensors = {k: v.contiguous() for k, v in state.items()}
-        _atomic_write(self.run_dir / "adapter.safetensors",
-                      lambda p: save_file(tensors, str(p), metadata={"round": str(server_round)}))
+        _atomic_write(self.run_dir / name, lambda p: save_file(tensors, str(p), metadata={"round": str(server_round)}))
 
-    def export_model(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    def export_model(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
+                     name: str = "model_merged.safetensors") -> Path:
         """The merged model as safetensors that `timm.create_model(...).load_state_dict` takes."""
-        path = self.run_dir / "model_merged.safetensors"
+        path = self.run_dir / name
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
         return path
@@ -108,8 +122,13 @@ class RunRecorder:
         majority = int(train_labels[:, 0].mode().values)
         trainable, total = count_parameters(model)
         last = self.rounds[-1] if self.rounds else {}
+        selected = select_round(self.rounds, cfg.select_metric) if self.rounds else {}
+        self.selected_round = selected.get("round")
         self.write_summary({
             "final_test_accuracy": last.get("test_accuracy"), "final_test_auc": last.get("test_auc"),
+            "select_metric": cfg.select_metric, "selected_round": selected.get("round"),
+            f"selected_{cfg.select_metric}": selected.get(cfg.select_metric),
+            "selected_test_accuracy": selected.get("test_accuracy"), "selected_test_auc": selected.get("test_auc"),
             "initial_test_accuracy": self.initial.get("test_accuracy"),
             "initial_test_auc": self.initial.get("test_auc"),
             "majority_class_accuracy": float((test_labels[:, 0] == majority).float().mean()),
@@ -119,6 +138,10 @@ class RunRecorder:
             **extra, "merged_model": export.name, "hardware": hardware(), "versions": versions(),
             "date": datetime.now().isoformat(timespec="seconds"), "config": cfg.to_flower(),
         })
+        if selected:
+            print(f"[fedmeld] last round {last['round']}: test acc {last['test_accuracy']:.4f} auc "
+                  f"{last['test_auc']:.4f} | selected by {cfg.select_metric}: round {selected['round']}, test acc "
+                  f"{selected['test_accuracy']:.4f} auc {selected['test_auc']:.4f}", flush=True)
         print(f"[fedmeld] run directory: {self.run_dir}", flush=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -135,9 +158,14 @@ class RunRecorder:
 
         rounds = [r["round"] for r in self.rounds]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(rounds, [r["test_accuracy"] for r in self.rounds], "o-", label="test ACC")
-        ax1.plot(rounds, [r["test_auc"] for r in self.rounds], "s-", label="test AUC")
-        ax1.set(xlabel="round", ylabel="score", title="Global model on the test split")
+        for split, style in (("val", "--"), ("test", "-")):
+            ax1.plot(rounds, [r[f"{split}_accuracy"] for r in self.rounds], f"o{style}", ms=3, color="tab:blue",
+                     label=f"{split} ACC")
+            ax1.plot(rounds, [r[f"{split}_auc"] for r in self.rounds], f"s{style}", ms=3, color="tab:orange",
+                     label=f"{split} AUC")
+        if self.selected_round:
+            ax1.axvline(self.selected_round, color="gray", ls=":", label=f"selected (round {self.selected_round})")
+        ax1.set(xlabel="round", ylabel="score", title="Global model: official val and test splits")
         ax1.legend()
         ax1.grid(alpha=0.3)
         ax2.plot(rounds, [r["train_loss"] for r in self.rounds], "o-", color="tab:red")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
+from fedmeld.peft import merged_state_dict
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import TaskInfo
 from fedmeld.task.wire import pack, payload_bytes, unpack
@@ -90,16 +92,18 @@ class Protocol(ABC):
         return {}
 
     @abstractmethod
-    def load_into(self, model: nn.Module) -> None:
-        """Make ``model`` compute the current global model (central evaluation, export)."""
+    def load_into(self, model: nn.Module, state: State | None = None) -> None:
+        """Make ``model`` compute the global model: the current one, or the one ``state`` (an
+        earlier ``global_state()``) holds."""
 
     @abstractmethod
     def global_state(self) -> State:
-        """What a checkpoint holds."""
+        """What a checkpoint holds: everything that defines the global model."""
 
-    @abstractmethod
-    def export_state(self, model: nn.Module) -> State:
-        """The global model as a plain timm state dict (``model`` is loaded first)."""
+    def export_state(self, model: nn.Module, state: State | None = None) -> State:
+        """The global model (as ``load_into`` takes it) as a plain timm state dict, copied out."""
+        self.load_into(model, state)
+        return {k: v.detach().cpu().clone() for k, v in merged_state_dict(model).items()}
 
 
 def parse_reply(msg: Message, protocol: Protocol) -> Reply:
@@ -136,6 +140,12 @@ def parse_reply(msg: Message, protocol: Protocol) -> Reply:
     return Reply(msg.metadata.src_node_id, state, float(weight), metrics)
 
 
+def _order(msg: Message) -> tuple[int, int]:
+    """Replies in partition order (the same under every runtime), node id for clients without one."""
+    metrics = msg.content.metric_records.get("metrics", {})
+    return int(metrics.get("partition-id", -1)), msg.metadata.src_node_id
+
+
 def client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
     """Per-client training speed and memory, for overhead and scaling studies (the weighted
     means Flower aggregates would hide the slowest client)."""
@@ -153,12 +163,14 @@ def client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
 class FedmeldStrategy(FedAvg):
     """FedAvg's sampling and messaging around a ``Protocol``, with bad replies dropped."""
 
-    def __init__(self, protocol: Protocol, min_replies: int = 1, **kwargs) -> None:
+    def __init__(self, protocol: Protocol, min_replies: int = 1, seed: int = 0, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.protocol = protocol
+        self.seed = seed  # client sampling
         self.min_replies = min_replies  # fewer good train replies: the round is recorded, not applied
         self.round_stats: dict[int, dict] = {}  # what metrics.jsonl records per round
         self._sampled: dict[int, list[int]] = {}  # round -> nodes sent a train instruction
+        self._partitions: dict[int, int] = {}  # node id -> partition id, as the node reported it
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, min_nodes: int,
                   message_type: str) -> list[Message]:
@@ -166,7 +178,13 @@ class FedmeldStrategy(FedAvg):
         if fraction == 0.0:
             return []
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), min_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        _, available = sample_nodes(grid, self.min_available_nodes, sample_size)  # waits for enough nodes
+        # Flower samples node ids with the unseeded `random`, and node ids change from run to run:
+        # sample partitions, seeded, so that the same seed samples the same clients in any runtime
+        self._learn_partitions(grid, available)
+        order = sorted(available, key=lambda node: (self._partitions[node], node))
+        rng = random.Random(f"{self.seed}/{server_round}/{message_type}")
+        node_ids = sorted(rng.sample(order, min(sample_size, len(order))), key=order.index)
         config = ConfigRecord({**config, "server-round": server_round})
         stats = self.round_stats.setdefault(server_round, {
             "round_start": time.perf_counter(), **dict.fromkeys(ROUND_STATS, math.nan),
@@ -183,6 +201,19 @@ class FedmeldStrategy(FedAvg):
             content = RecordDict({"arrays": packed[1], "config": config, **records})
             messages.append(Message(content, message_type=message_type, dst_node_id=node))
         return messages
+
+    def _learn_partitions(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes not seen before for their partition id (one query message each, all at once);
+        a node that cannot say counts as -1."""
+        new = [n for n in nodes if n not in self._partitions]
+        if not new:
+            return
+        replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                                         for n in new], timeout=60)
+        for reply in replies:
+            if not reply.has_error() and "metrics" in reply.content.metric_records:
+                self._partitions[reply.metadata.src_node_id] = int(reply.content["metrics"].get("partition-id", -1))
+        self._partitions.update({n: -1 for n in new if n not in self._partitions})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -217,6 +248,7 @@ class FedmeldStrategy(FedAvg):
         stats["num_clients_failed"] = stats["num_sampled"] - len(good)  # errors, rejects and timeouts
         stats["failed_nodes"] = [[node, why] for node, why in sorted(failed.items())]
         stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _ in good)
+        good.sort(key=lambda pair: _order(pair[0]))  # aggregate in a fixed order: float sums depend on it
         if len(good) < self.min_replies:
             log.warning("round %d: %d usable replies, fewer than min-clients %d; the global model is unchanged",
                         server_round, len(good), self.min_replies)

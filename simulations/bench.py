@@ -303,7 +303,7 @@ def bare_client_seconds(overrides: list[str]) -> dict:
     one untimed epoch that pays CUDA start-up and kernel choice."""
     from fedmeld.client.app import load_shard
     from fedmeld.task.data import task_info
-    from fedmeld.task.engine import pick_device, train
+    from fedmeld.task.engine import Inputs, pick_device, train
     from fedmeld.task.model import build_model as build_fed_model
     from fedmeld.simulations.run import load_config
 
@@ -314,7 +314,7 @@ def bare_client_seconds(overrides: list[str]) -> dict:
     for pid in [0, *range(cfg.num_clients)]:
         shard = load_shard(cfg, pid, cfg.num_clients)
         stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                      weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, input_size=cfg.input_size)
+                      weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, inputs=Inputs.of(cfg))
         seconds.append(stats["train_seconds"])
     return {"per_client_s": [round(t, 3) for t in seconds[1:]], "slowest_s": round(max(seconds[1:]), 3),
             "sum_s": round(sum(seconds[1:]), 3)}

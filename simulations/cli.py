@@ -17,6 +17,7 @@ COMMANDS = {
     "bench": ("fedmeld.simulations.bench", "GPU speed and memory of each fine-tuning mode, federation overhead"),
     "scaling": ("fedmeld.simulations.scaling", "the deployment over 1, 2, 4 ... GPUs, one SuperNode per client"),
     "lte-compare": ("fedmeld.simulations.lte_compare", "LTE against full training and LoRA from scratch"),
+    "keys": ("fedmeld.simulations.security", "TLS certificates and SuperNode key pairs for a secure deployment"),
     "supernode": ("fedmeld.task.flower.supernode", "flower-supernode with its hard-coded waits capped"),
     "executor": ("fedmeld.task.flower.executor", "a long-lived ClientApp executor for a SuperNode (--isolation process)"),
 }

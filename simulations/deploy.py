@@ -1,12 +1,18 @@
 """Run the fedmeld apps under Flower's deployment runtime on this machine.
 
-``fedmeld deploy [--supernodes N] [--gpus 0,1] [key=value ...]`` starts a SuperLink
-and N SuperNodes on localhost (insecure, loopback only), each SuperNode pointed at its own data
+``fedmeld deploy [--supernodes N] [--gpus 0,1] [--certs DIR | --insecure] [key=value ...]`` starts a
+SuperLink and N SuperNodes on localhost (loopback only), each SuperNode pointed at its own data
 partition through ``--node-config`` and, with ``--gpus``, pinned to one of the listed GPUs
 (round-robin, so several SuperNodes may share a GPU). It then submits the app with ``flwr run``,
 follows the run until it ends, and stops every process it started, also on failure or Ctrl-C.
-For real sites, run the same ``flower-supernode`` command on each hospital's machine against the
-SuperLink's address (with TLS) instead of localhost.
+
+Secure by default, as across real sites (README, "Deployment"): TLS (a CA and the SuperLink's
+certificate), SuperNode authentication (one EC key pair per SuperNode; the SuperLink admits only the
+public keys registered with ``flwr supernode register``, kept in ``HOME/superlink.db``) and SuperExec
+authentication (a shared secret signs every task claim on the Runtime APIs, so no other local process
+can take a ServerApp or ClientApp task). The credentials are generated into ``HOME/certs``
+(``fedmeld keys``, ``simulations/security.py``) or taken from ``--certs DIR``. ``--insecure`` turns all
+three off, for a laptop.
 
 ``--isolation`` picks who runs the ClientApp. ``process`` (default): each SuperNode runs with
 ``--isolation process`` (through ``fedmeld supernode``, which shortens its hard-coded 3 s
@@ -20,22 +26,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import tomli_w
 
 from fedmeld.simulations.run import load_config
+from fedmeld.simulations.security import (
+    SUPEREXEC_SECRET,
+    CredentialError,
+    Credentials,
+    create_local_credentials,
+    create_secret,
+    load_local_credentials,
+)
 from fedmeld.task.config import ConfigError, RunConfig, defaults, describe
+
 ISOLATIONS = ("process", "subprocess")
 STATUS_SECONDS = 15.0  # between `flwr ls` calls (about 1.3 s of CPU each) until summary.json shows up
+CONNECTION = "deploy"  # the flwr CLI's name for this SuperLink in $FLWR_HOME/config.toml
+JOINED = re.compile(r"SuperNode ID: (\d+)")  # a SuperNode's log line once the SuperLink activated it
+RETRY_SECONDS = 2.0  # between attempts to restart a SuperNode that the SuperLink still counts as online
 
 
 def write_app(folder: Path) -> Path:
@@ -69,50 +88,128 @@ def node_config(partition_id: int, num_partitions: int, gpus: list[str], data_ro
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
-def supernode_commands(superlink_port: int, index: int, config: str, isolation: str) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class NodeSecurity:
+    """What one SuperNode presents to a secure SuperLink (``None`` in its place: ``--insecure``)."""
+
+    root_certificates: Path | None  # the CA that signed the SuperLink's certificate; None: the system's CAs
+    private_key: Path  # its OpenSSH EC key; the SuperLink's admin registered the public half
+    superexec_secret: Path | None = None  # shared with the one executor allowed to claim its tasks
+
+
+def supernode_commands(superlink_port: int, index: int, config: str, isolation: str,
+                       security: NodeSecurity | None = None) -> dict[str, list[str]]:
     """SuperNode ``index`` and, with isolation ``process``, the executor that runs its ClientApp
-    (the SuperNode then launches nothing itself), by log name."""
+    (the SuperNode then launches nothing itself), by log name. The executor reaches the SuperNode's
+    Runtime API on loopback in plain HTTP; with a SuperExec secret, it signs each task claim."""
     ours, runtime_port = isolation == "process", free_port()
     supernode = [sys.executable, "-m", "fedmeld.task.flower.supernode"] if ours else ["flower-supernode"]  # ours: short waits
-    commands = {f"supernode-{index}": [*supernode, "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
+    link = ["--insecure"]
+    if security is not None:
+        link = ["--auth-supernode-private-key", str(security.private_key)]
+        if security.root_certificates is not None:
+            link += ["--root-certificates", str(security.root_certificates)]
+    secret = []  # Flower ignores a SuperExec secret under --isolation subprocess (its own SuperExec signs nothing)
+    if ours and security is not None and security.superexec_secret is not None:
+        secret = ["--superexec-auth-secret-file", str(security.superexec_secret)]
+    commands = {f"supernode-{index}": [*supernode, *link, *secret, "--superlink", f"127.0.0.1:{superlink_port}",
                                        "--isolation", isolation, "--port", str(runtime_port),
                                        "--node-config", config]}
     if ours:
-        commands[f"executor-{index}"] = [sys.executable, "-m", "fedmeld.task.flower.executor", "--insecure",
+        commands[f"executor-{index}"] = [sys.executable, "-m", "fedmeld.task.flower.executor", "--insecure", *secret,
                                          "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
     return commands
 
 
+def superlink_commands(port: int, home: Path, credentials: Credentials | None,
+                       secret: Path | None) -> dict[str, list[str]]:
+    """The SuperLink and, when secure, the SuperExec that runs its ServerApps, by log name. Secure,
+    the SuperLink runs with ``--isolation process``: Flower signs no task claims with its own
+    SuperExec, and its Runtime API shares the port hospitals reach."""
+    common = ["--disable-runtime-dependency-installation", "--port", str(port)]
+    if credentials is None:
+        return {"superlink": ["flower-superlink", "--insecure", *common]}
+    return {"superlink": ["flower-superlink", "--ssl-ca-certfile", str(credentials.ca),
+                          "--ssl-certfile", str(credentials.server_cert), "--ssl-keyfile", str(credentials.server_key),
+                          "--enable-supernode-auth", "--database", str(home / "superlink.db"),
+                          "--isolation", "process", "--superexec-auth-secret-file", str(secret), *common],
+            "superexec": ["flower-superexec", "--runtime-api-address", f"127.0.0.1:{port}",
+                          "--root-certificates", str(credentials.ca), "--superexec-auth-secret-file", str(secret)]}
+
+
+def connection_config(port: int, ca: Path | None) -> str:
+    """``$FLWR_HOME/config.toml``: the flwr CLI's connection to this SuperLink, over TLS when ``ca`` is given."""
+    security = {"insecure": True} if ca is None else {"root-certificates": str(ca)}
+    return tomli_w.dumps({"superlink": {"default": CONNECTION,
+                                        CONNECTION: {"address": f"127.0.0.1:{port}", **security}}})
+
+
+def deployment_credentials(home: Path, num_supernodes: int, certs: Path | None) -> Credentials:
+    """Those in ``certs`` (``--certs DIR``); else ``HOME/certs``, generated by the first deployment in this home."""
+    if certs is not None:
+        return load_local_credentials(certs, num_supernodes)
+    folder = home / "certs"
+    if folder.exists():
+        return load_local_credentials(folder, num_supernodes)
+    return create_local_credentials(folder, num_supernodes)
+
+
 class Deployment:
-    """A SuperLink and SuperNodes as child processes, each in its own process group, logging to files."""
+    """A SuperLink and SuperNodes as child processes, each in its own session, logging to files
+    (appended, so a restarted process continues its log). Stops everything on leaving a ``with``."""
 
     def __init__(self, home: Path, num_supernodes: int, gpus: list[str], data_root: str,
-                 isolation: str = "process") -> None:
-        self.home, self.procs = home, []
-        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+                 isolation: str = "process", credentials: Credentials | None = None) -> None:
+        self.home, self.secure = home.resolve(), credentials is not None
+        self.procs: dict[str, subprocess.Popen] = {}  # by log name, in start order
+        self.commands: dict[str, list[str]] = {}  # what started each, to restart it
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PYTHONUNBUFFERED": "1",  # Flower spawns its helpers by name: find this environment's first
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.port = free_port()
-        self._start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                  "--port", str(self.port)])
-        self._wait_for_port(self.port)
-        for i in range(num_supernodes):
-            for name, cmd in supernode_commands(self.port, i, node_config(i, num_supernodes, gpus, data_root),
-                                                isolation).items():
-                self._start(name, cmd)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        try:
+            secret = None
+            if credentials is not None:
+                secret = self.home / SUPEREXEC_SECRET
+                if not secret.exists():
+                    create_secret(secret)
+            link = superlink_commands(self.port, self.home, credentials, secret)
+            self.start("superlink", link.pop("superlink"))
+            self._wait_for_port(self.port)
+            for name, cmd in link.items():
+                self.start(name, cmd)
+            (self.home / "config.toml").write_text(connection_config(self.port, credentials and credentials.ca))
+            for i in range(num_supernodes):
+                security = None
+                if credentials is not None:
+                    self.register(credentials.node_keys[i].with_suffix(".pub"))
+                    security = NodeSecurity(credentials.ca, credentials.node_keys[i], secret)
+                for name, cmd in supernode_commands(self.port, i, node_config(i, num_supernodes, gpus, data_root),
+                                                    isolation, security).items():
+                    self.start(name, cmd)
+        except BaseException:
+            self.stop()
+            raise
 
-    def _start(self, name: str, cmd: list[str]) -> None:
-        log = (self.home / f"{name}.log").open("w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))  # Ctrl-C here reaches us, not them
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """Start ``cmd`` in a session of its own (Ctrl-C here reaches us, not it), logging to ``name``.log."""
+        with (self.home / f"{name}.log").open("a") as log:
+            proc = subprocess.Popen(cmd, env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.procs[name], self.commands[name] = proc, cmd
+        return proc
 
     def _wait_for_port(self, port: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.procs[0].poll() is not None:
+            if self.procs["superlink"].poll() is not None:
                 raise RuntimeError(f"the SuperLink exited; see {self.home / 'superlink.log'}")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -124,11 +221,116 @@ class Deployment:
         return subprocess.run(["flwr", *args], env=self.env, cwd=self.home, capture_output=True, text=True,
                               timeout=timeout)
 
+    def register(self, public_key: Path) -> None:
+        """Admit a SuperNode's public key (``flwr supernode register``); one registered before (this
+        home's database keeps registrations) is admitted already. ``flwr`` exits 0 on failure too."""
+        out = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        try:
+            answer = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            answer = {"success": False, "error-message": f"{out.stdout}\n{out.stderr}"}
+        if not answer["success"] and "Public key already in use" not in answer["error-message"]:
+            raise RuntimeError(f"flwr supernode register {public_key} failed: {answer['error-message']}")
+
+    def wait_for(self, name: str, pattern: str | re.Pattern, timeout: float, offset: int = 0) -> re.Match:
+        """The first match of ``pattern`` in ``name``.log from byte ``offset`` on, waiting for it."""
+        log, deadline = self.home / f"{name}.log", time.monotonic() + timeout
+        while True:
+            with log.open("rb") as f:
+                f.seek(offset)
+                found = re.search(pattern, f.read().decode(errors="replace"))
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if not found:
+            raise TimeoutError(f"{pattern!r} did not appear in {log} within {timeout:.0f} s")
+        return found
+
+    def node_id(self, index: int) -> int:
+        """The node id the SuperLink gave SuperNode ``index`` (its latest activation)."""
+        text = (self.home / f"supernode-{index}.log").read_text(errors="replace")
+        ids = JOINED.findall(text)
+        if not ids:
+            raise RuntimeError(f"SuperNode {index} has not joined; see {self.home / f'supernode-{index}.log'}")
+        return int(ids[-1])
+
+    def kill_supernode(self, index: int) -> None:
+        """A crash: SIGKILL SuperNode ``index`` and its executor, with no chance to say goodbye. The
+        SuperLink counts the node online until two missed heartbeats (up to 60 s)."""
+        for name in (f"executor-{index}", f"supernode-{index}"):
+            if name in self.procs:
+                proc = self.procs.pop(name)
+                _signal([proc.pid, *_descendants(proc.pid)], signal.SIGKILL)
+                proc.wait()
+
+    def restart_supernode(self, index: int, timeout: float = 180) -> int:
+        """Start SuperNode ``index`` again with its own command (same key, partition and Runtime port),
+        then its executor; return its node id. Until the SuperLink has marked the crashed session
+        offline it refuses the activation and the SuperNode exits; we try again every RETRY_SECONDS."""
+        name, deadline = f"supernode-{index}", time.monotonic() + timeout
+        while True:
+            offset = (self.home / f"{name}.log").stat().st_size
+            proc = self.start(name, self.commands[name])
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    node = int(self.wait_for(name, JOINED, timeout=1.0, offset=offset)[1])
+                except TimeoutError:
+                    continue
+                if f"executor-{index}" in self.commands:
+                    self.start(f"executor-{index}", self.commands[f"executor-{index}"])
+                return node
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"SuperNode {index} did not rejoin within {timeout:.0f} s; see {self.home / name}.log")
+            time.sleep(RETRY_SECONDS)
+
+    def submit(self, cfg: RunConfig) -> int:
+        """``flwr run`` the fedmeld app with ``cfg``; the run id."""
+        overrides = self.home / "run-config.toml"
+        overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_flower().items()))
+        submitted = self.flwr("run", str(write_app(self.home / "app")), CONNECTION, "--run-config", str(overrides),
+                              "--format", "json")
+        try:
+            run_id = json.loads(submitted.stdout)["run-id"]
+        except (json.JSONDecodeError, KeyError):
+            raise RuntimeError(f"flwr run did not start the run:\n{submitted.stdout}\n{submitted.stderr}") from None
+        print(f"[fedmeld] run {run_id} submitted to the SuperLink on 127.0.0.1:{self.port} "
+              f"({'TLS, SuperNode and SuperExec authentication' if self.secure else 'insecure'}); "
+              f"{sum(n.startswith('supernode-') for n in self.procs)} SuperNodes; logs in {self.home}", flush=True)
+        return run_id
+
+    def follow(self, run_id: int, run_dir: Path, poll_seconds: float = 2.0) -> Path:
+        """Print each round as ``run_dir/metrics.jsonl`` gains it until the run ends; ``run_dir`` once it
+        completed (``flwr run`` alone exits 0 on failure too)."""
+        shown, checked = 0, -STATUS_SECONDS
+        while True:
+            metrics = run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            for line in lines[shown:]:
+                r = json.loads(line)
+                print(f"[fedmeld] round {r['round']}: test acc {r['test_accuracy']:.4f} auc {r['test_auc']:.4f} "
+                      f"clients ok {r['num_clients_ok']} | {r['round_seconds']:.1f} s", flush=True)
+            shown = len(lines)
+            if (run_dir / "summary.json").is_file() or time.monotonic() - checked >= STATUS_SECONDS:
+                status, checked = self._status(run_id), time.monotonic()
+                if status.startswith("finished"):
+                    break
+            time.sleep(poll_seconds)
+        if status != "finished:completed" or not (run_dir / "summary.json").is_file():
+            raise RuntimeError(f"run {run_id} ended as {status!r}; see {self.home}/*.log")
+        return run_dir
+
+    def _status(self, run_id: int) -> str:
+        listed = self.flwr("ls", "--run-id", str(run_id), "--format", "json", CONNECTION)
+        try:
+            return json.loads(listed.stdout)["runs"][0]["status"]
+        except (json.JSONDecodeError, KeyError, IndexError):
+            raise RuntimeError(f"flwr ls gave no status for run {run_id}:\n{listed.stdout}\n{listed.stderr}") from None
+
     def stop(self) -> None:
         """Last started first (each executor, its SuperNode, ..., then the SuperLink), each with every
         process under it: Flower starts its SuperExec and app processes in sessions of their own, so
         process groups miss them."""
-        for proc in reversed(self.procs):
+        for proc in reversed(list(self.procs.values())):
             tree = [proc.pid, *_descendants(proc.pid)]
             _signal(tree, signal.SIGTERM)
             deadline = time.monotonic() + 15
@@ -137,6 +339,7 @@ class Deployment:
                 time.sleep(0.2)
             _signal([pid for pid in tree if _alive(pid)], signal.SIGKILL)
             proc.wait()
+        self.procs.clear()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -176,53 +379,20 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
 
 
 def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: Path,
-                   poll_seconds: float = 2.0, isolation: str = "process") -> Path:
-    """Start the federation, run the app to the end, stop everything; return the run directory."""
-    run_dir = Path(cfg.out) / cfg.run_name
-    overrides = home / "run-config.toml"
-    overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.to_flower().items()))
-    with ExitStack() as stack:
-        fed = Deployment(home, num_supernodes, gpus, cfg.data_root, isolation)
-        stack.callback(fed.stop)
-        submitted = fed.flwr("run", str(write_app(home / "app")), "deploy", "--run-config", str(overrides), "--format", "json")
-        try:
-            run_id = json.loads(submitted.stdout)["run-id"]
-        except (json.JSONDecodeError, KeyError):
-            raise RuntimeError(f"flwr run did not start the run:\n{submitted.stdout}\n{submitted.stderr}") from None
-        print(f"[fedmeld] run {run_id} submitted to the SuperLink on 127.0.0.1:{fed.port}; "
-              f"{num_supernodes} SuperNodes, isolation {isolation}; logs in {home}", flush=True)
-        shown, checked = 0, -STATUS_SECONDS
-        while True:
-            metrics = run_dir / "metrics.jsonl"
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            for line in lines[shown:]:
-                r = json.loads(line)
-                print(f"[fedmeld] round {r['round']}: test acc {r['test_accuracy']:.4f} auc {r['test_auc']:.4f} "
-                      f"clients ok {r['num_clients_ok']} | {r['round_seconds']:.1f} s", flush=True)
-            shown = len(lines)
-            if (run_dir / "summary.json").is_file() or time.monotonic() - checked >= STATUS_SECONDS:
-                status, checked = _status(fed, run_id), time.monotonic()
-                if status.startswith("finished"):
-                    break
-            time.sleep(poll_seconds)
-    if status != "finished:completed" or not (run_dir / "summary.json").is_file():
-        raise RuntimeError(f"run {run_id} ended as {status!r}; see {home}/*.log")
-    return run_dir
-
-
-def _status(fed: Deployment, run_id: int) -> str:
-    listed = fed.flwr("ls", "--run-id", str(run_id), "--format", "json", "deploy")
-    try:
-        return json.loads(listed.stdout)["runs"][0]["status"]
-    except (json.JSONDecodeError, KeyError, IndexError):
-        raise RuntimeError(f"flwr ls gave no status for run {run_id}:\n{listed.stdout}\n{listed.stderr}") from None
+                   poll_seconds: float = 2.0, isolation: str = "process", insecure: bool = False,
+                   certs: Path | None = None) -> Path:
+    """Start the federation (secure unless ``insecure``), run the app to the end, stop everything;
+    return the run directory."""
+    credentials = None if insecure else deployment_credentials(home, num_supernodes, certs)
+    with Deployment(home, num_supernodes, gpus, cfg.data_root, isolation, credentials) as fed:
+        return fed.follow(fed.submit(cfg), Path(cfg.out) / cfg.run_name, poll_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedmeld deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + " Starts a local SuperLink and SuperNodes, runs, stops them.\n\n"
-        + __doc__.split("\n\n")[2],
+        + "\n\n".join(__doc__.split("\n\n")[2:4]),
         epilog="run-config keys (key = default {choices}):\n" + describe())
     parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes (hospitals) to start; default 2")
     parser.add_argument("--gpus", default="", help="comma-separated GPU indices to spread SuperNodes over "
@@ -230,7 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolation", choices=ISOLATIONS, default="process",
                         help="process (default): one long-lived fedmeld executor per SuperNode runs every "
                              "message; subprocess: Flower's stock fresh flwr-clientapp process per message")
-    parser.add_argument("--home", help="FLWR_HOME for this deployment (state, logs); default: a new temp dir")
+    security = parser.add_mutually_exclusive_group()
+    security.add_argument("--certs", metavar="DIR", type=Path,
+                          help="take ca.pem, server.pem, server.key and supernode-K.key/.pub (K = 0..N-1) from DIR "
+                               "(as `fedmeld keys` writes them); default: generate them into HOME/certs")
+    security.add_argument("--insecure", action="store_true",
+                          help="INSECURE, for a laptop only: no TLS, no SuperNode or SuperExec authentication; "
+                               "any local process can join the federation or claim its tasks")
+    parser.add_argument("--home", help="FLWR_HOME for this deployment (state, logs, generated credentials); "
+                                       "default: a new temp dir")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a flat table of run-config keys")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
     args = parser.parse_args(argv)
@@ -239,10 +417,14 @@ def main(argv: list[str] | None = None) -> int:
                                         *args.overrides])
     except (ConfigError, OSError) as err:
         parser.error(str(err))
-    home = Path(args.home or tempfile.mkdtemp(prefix="fedmeld-deploy-"))
+    home = Path(args.home or tempfile.mkdtemp(prefix="fedmeld-deploy-")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    print(run_deployment(cfg, args.supernodes, gpus, home, isolation=args.isolation))
+    try:
+        print(run_deployment(cfg, args.supernodes, gpus, home, isolation=args.isolation, insecure=args.insecure,
+                             certs=args.certs))
+    except CredentialError as err:
+        parser.error(str(err))
     return 0
 
 

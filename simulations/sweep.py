@@ -15,7 +15,9 @@
     partition = "dirichlet"
     dirichlet-alpha = 0.1
 
-Runs are the product of all axes. Every config is checked before the first run starts. Each run
+Runs are the product of all axes, repeated for each seed of ``--seeds 0,1,2`` (or a grid file's
+``[sweep] seeds = [0, 1, 2]``) as ``<name>_seed<k>``; the tables then report mean ± std (sample
+standard deviation) over the seeds of each config. Every config is checked before the first run starts. Each run
 is a separate ``fedmeld run`` process writing ``<out>/runs/<name>/``; a run whose
 summary.json exists is skipped, so an interrupted sweep resumes where it stopped (a half-written
 run directory is kept aside as ``<name>.incomplete-<time>``, one whose config has since changed as
@@ -31,6 +33,7 @@ import itertools
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -41,16 +44,19 @@ from typing import Any
 from fedmeld.task.config import ConfigError, RunConfig
 
 PRESETS = Path(__file__).resolve().parent / "presets"
-RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "majority_class_accuracy", "trainable_params",
-               "bytes_up_total", "bytes_down_total", "wall_seconds")
+RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "selected_round", "selected_test_accuracy",
+               "selected_test_auc", "majority_class_accuracy", "trainable_params", "bytes_up_total", "bytes_down_total",
+               "wall_seconds")
+SCORES = ("final_test_accuracy", "final_test_auc", "selected_test_accuracy", "selected_test_auc")
+SEED_SUFFIX = re.compile(r"_seed\d+$")
 
 
 def expand(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(name, run-config overrides) of every run of a grid file, in a stable order. A name joins
     the values of the grid keys and the ``label`` of each axis table, for axes with several entries."""
-    unknown = set(grid) - {"base", "grid", "axis"}
+    unknown = set(grid) - {"base", "grid", "axis", "sweep"}
     if unknown:
-        raise ConfigError(f"unknown grid section(s) {sorted(unknown)}; valid: base, grid, axis")
+        raise ConfigError(f"unknown grid section(s) {sorted(unknown)}; valid: base, grid, axis, sweep")
     axes = [[(str(value), {key: value}) for value in values] for key, values in grid.get("grid", {}).items()]
     for axis_name, tables in grid.get("axis", {}).items():
         axes.append([(t.get("label") or f"{axis_name}{i}", {k: v for k, v in t.items() if k != "label"})
@@ -63,15 +69,19 @@ def expand(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return runs
 
 
-def plan(grid: dict[str, Any], out: Path) -> list[tuple[str, RunConfig]]:
-    """(name, config) per run, all validated before anything runs."""
+def plan(grid: dict[str, Any], out: Path, seeds: list[int] | None = None) -> list[tuple[str, RunConfig]]:
+    """(name, config) per run, all validated before anything runs; with ``seeds`` (default: the grid
+    file's ``[sweep] seeds``), every config once per seed."""
+    seeds = seeds if seeds is not None else grid.get("sweep", {}).get("seeds")
     planned = []
-    for name, overrides in expand(grid):
-        try:
-            cfg = RunConfig.from_mapping({**overrides, "out": str(out / "runs"), "run-name": name})
-        except ConfigError as err:
-            raise ConfigError(f"grid run {name}: {err}") from None
-        planned.append((name, cfg))
+    for config_name, overrides in expand(grid):
+        for name, seeded in ([(f"{config_name}_seed{s}", {**overrides, "seed": s}) for s in seeds] if seeds
+                             else [(config_name, overrides)]):
+            try:
+                cfg = RunConfig.from_mapping({**seeded, "out": str(out / "runs"), "run-name": name})
+            except ConfigError as err:
+                raise ConfigError(f"grid run {name}: {err}") from None
+            planned.append((name, cfg))
     names = [n for n, _ in planned]
     if len(set(names)) != len(names):
         raise ConfigError("two grid runs got the same name; give the axis tables distinct labels")
@@ -119,7 +129,8 @@ def collect(planned: list[tuple[str, RunConfig]], out: Path) -> list[dict[str, A
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         replies = sum(r["num_clients_ok"] for r in rounds)
-        rows.append({"run": name, **{k: summary.get(k) for k in RESULT_KEYS},
+        rows.append({"run": name, "config": SEED_SUFFIX.sub("", name), "seed": cfg.seed,
+                     **{k: summary.get(k) for k in RESULT_KEYS},
                      "bytes_up_per_client_round": round(summary["bytes_up_total"] / max(replies, 1)),
                      "weights": cfg.weights or ("pretrained" if cfg.pretrained else f"random init (seed {cfg.seed})"),
                      "hardware": summary.get("hardware"), "date": summary.get("date"),
@@ -128,16 +139,42 @@ def collect(planned: list[tuple[str, RunConfig]], out: Path) -> list[dict[str, A
     return rows
 
 
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample standard deviation) of several runs, the value of one."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def by_config(rows: list[dict[str, Any]]) -> list[str]:
+    """One markdown table row per config: mean ± std over its seeds."""
+    lines = ["| config | seeds | last test ACC | last test AUC | selected test ACC | selected test AUC | majority | "
+             "trainable params | bytes up/client-round | wall s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        runs = [r for r in rows if r["config"] == config]
+        scores = [mean_std([float(r[k]) for r in runs]) for k in SCORES]
+        lines.append(f"| {config} | {','.join(str(r['seed']) for r in runs)} | {' | '.join(scores)} | "
+                     f"{runs[0]['majority_class_accuracy']:.3f} | {runs[0]['trainable_params']:,} | "
+                     f"{runs[0]['bytes_up_per_client_round']:,} | {statistics.mean(r['wall_seconds'] for r in runs):.0f} |")
+    return lines
+
+
 def write_reports(rows: list[dict[str, Any]], out: Path, title: str) -> None:
-    columns = ["run", *RESULT_KEYS, "bytes_up_per_client_round", "weights", "hardware", "date"]
+    columns = ["run", "config", "seed", *RESULT_KEYS, "bytes_up_per_client_round", "weights", "hardware", "date"]
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# {title}", "", "| run | test ACC | test AUC | majority | trainable params | bytes up/client-round "
-             "| bytes up total | bytes down total | wall s | weights |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", ""]
+    if any(r["config"] != r["run"] for r in rows):
+        lines += ["Mean ± sample std over seeds; \"selected\": the round the official validation split "
+                  "selects (`select-metric`).", "", *by_config(rows), "", "Every run:", ""]
+    lines += ["| run | test ACC | test AUC | selected round | selected test ACC | selected test AUC | majority | "
+              "trainable params | bytes up/client-round | bytes up total | bytes down total | wall s | weights |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['final_test_accuracy']:.3f} | {r['final_test_auc']:.3f} | "
+                     f"{r['selected_round']} | {r['selected_test_accuracy']:.3f} | {r['selected_test_auc']:.3f} | "
                      f"{r['majority_class_accuracy']:.3f} | {r['trainable_params']:,} | "
                      f"{r['bytes_up_per_client_round']:,} | {r['bytes_up_total']:,} | {r['bytes_down_total']:,} | "
                      f"{r['wall_seconds']:.0f} | {r['weights']} |")
@@ -165,9 +202,9 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    groups = sorted({r["run"].rsplit("_", 1)[0] for r in rows})  # one colour per method: names end in "_<axis>"
+    groups = sorted({r["config"].rsplit("_", 1)[0] for r in rows})  # one colour per method: names end in "_<axis>"
     for group in groups:
-        members = [r for r in rows if r["run"].rsplit("_", 1)[0] == group]
+        members = [r for r in rows if r["config"].rsplit("_", 1)[0] == group]
         sent = [r["bytes_up_total"] + r["bytes_down_total"] for r in members]
         ax.scatter(sent, [r["final_test_accuracy"] for r in members], label=group)
         for r, x in zip(members, sent):
@@ -194,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulation backend of every run (see fedmeld run --help)")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="overrides applied to every run (e.g. num-server-rounds=2 for a smoke test)")
+    parser.add_argument("--seeds", metavar="0,1,2", help="run every config once per seed; tables give mean ± std "
+                                                         "(default: the grid file's [sweep] seeds, else one run)")
     args = parser.parse_args(argv)
     path = Path(args.grid) if args.grid else PRESETS / f"{args.preset}.toml"
     if not path.is_file():
@@ -204,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid["base"] = {**grid.get("base", {}), **parse_overrides(args.set)}
         out = Path(args.out or f"runs/sweep-{path.stem}").resolve()
-        planned = plan(grid, out)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+        planned = plan(grid, out, seeds)
     except ConfigError as err:
         parser.error(str(err))
     out.mkdir(parents=True, exist_ok=True)

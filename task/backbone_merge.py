@@ -129,13 +129,14 @@ def global_dense(payload: State) -> State:
 
 
 def client_round(model: nn.Module, backbone: Backbone, payload: State, target: int, data: Split, info: TaskInfo,
-                 cfg: RunConfig, device: torch.device, seed: int) -> tuple[Backbone, State, dict[str, float]]:
+                 cfg: RunConfig, device: torch.device, seed: int,
+                 server_round: int = 1) -> tuple[Backbone, State, dict[str, float]]:
     """Sync, train, and return the synced backbone, the reply tensors and the training stats."""
     backbone = sync(backbone, payload, target)
     dense = global_dense(payload)
     load(model, backbone.base, dense)
     stats = train_lte(model.to(device), data, info, cfg, epochs=cfg.local_epochs, device=device, seed=seed,
-                      merge=cfg.peft == "lte")
+                      server_round=server_round, merge=cfg.peft == "lte")
     reply = {f"factor/{name}/{k}": t.cpu() for name, layer in lte_layers(model).items()
              for k, t in zip("BA", layer.factors_since_reset())}
     reply |= {f"dense/{k}": v.detach().cpu() - dense[k] for k, v in dense_state(model).items()}

@@ -28,9 +28,10 @@ class ConfigError(ValueError):
     """A run-config key or value that cannot be used; the message says how to fix it."""
 
 
-def _valid_ranks(value: str) -> bool:
+def _valid_ints(value: str, low: int) -> bool:
+    """Empty, or comma-separated integers >= ``low``."""
     try:
-        return not value.strip() or all(int(r) > 0 for r in value.split(","))
+        return not value.strip() or all(int(r) >= low for r in value.split(","))
     except ValueError:
         return False
 
@@ -99,6 +100,15 @@ class RunConfig:
     input_size: int = _key(0, "Model input resolution; images are resized on the device when it differs from "
                            "image-size (e.g. 32 for ConvNeXt on 28 px files). 0: image-size.",
                            check=_non_negative[0], rule=_non_negative[1])
+    resize: str = _key("bilinear", "How images are resized to input-size on the device (MedMNIST v2's (224) rows "
+                       "upsample 28 px with nearest).", ("nearest", "bilinear", "bicubic"))
+    augment: str = _key("none", "Training augmentation on the device, seeded per client and round: none, flip "
+                        "(horizontal), light (flip, rotation within 10 degrees, shift within 1/8).",
+                        ("none", "flip", "light"))
+    stem: str = _key("default", "CNN stem: default (timm's), or small for small inputs (ResNet: 3x3 stride-1 conv, "
+                     "no max-pool, as MedMNIST v2's (28) rows; ConvNeXt: 2x2 stride-2 patchify; EfficientNet: "
+                     "stride-1 stem). Pretrained stems are kept where the shape allows, else centre-cropped.",
+                     ("default", "small"))
     data_root: str = _key('', "Directory holding the MedMNIST .npz files. Empty: $MEDMNIST_ROOT, "
                           "else medmnist's default (~/.medmnist), downloading when the file is absent.")
     model: str = _key('resnet18', "timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224.")
@@ -116,7 +126,17 @@ class RunConfig:
     num_server_rounds: int = _key(8, "Federated rounds.", check=_positive[0], rule=_positive[1])
     local_epochs: int = _key(2, "Local epochs per round on each client.", check=_positive[0], rule=_positive[1])
     batch_size: int = _key(32, "Local mini-batch size.", check=_positive[0], rule=_positive[1])
-    lr: float = _key(0.01, "Client AdamW learning rate.", check=_positive[0], rule=_positive[1])
+    lr: float = _key(0.01, "Client AdamW learning rate (the peak, under a schedule).", check=_positive[0],
+                     rule=_positive[1])
+    lr_schedule: str = _key("constant", "Learning rate over the rounds (task/schedule.py; t counts rounds, local "
+                            "epochs as fractions): constant, cosine (to 0 at the last round), multistep (x lr-gamma "
+                            "at each of lr-milestones).", ("constant", "cosine", "multistep"))
+    lr_milestones: str = _key("", "Comma-separated rounds at which multistep multiplies the lr by lr-gamma "
+                              "(MedMNIST v2: 50,75 of 100).", check=lambda v: _valid_ints(v, low=1),
+                              rule="must be empty or comma-separated integers >= 1")
+    lr_gamma: float = _key(0.1, "multistep's factor per milestone.", check=_positive[0], rule=_positive[1])
+    lr_warmup: int = _key(0, "Rounds of linear warmup from lr/(rounds x local-epochs) to lr before the schedule.",
+                          check=_non_negative[0], rule=_non_negative[1])
     weight_decay: float = _key(0.0, "Client AdamW weight decay.", check=_non_negative[0], rule=_non_negative[1])
     peft: str = _key("lora+norm", _peft_help)
     lora_rank: int = _key(8, "LoRA rank r.", check=_positive[0], rule=_positive[1])
@@ -145,7 +165,7 @@ class RunConfig:
     client_ranks: str = _key('', "Comma-separated LoRA ranks, one per client by partition id (cycled), e.g. 4,8,8,16; "
                              "empty: every client uses lora-rank. Every client scales by lora-alpha/max(ranks). "
                              "fedavg zero-pads smaller factors to the largest rank (HetLoRA baseline); exact "
-                             "aggregates mixed ranks exactly.", check=_valid_ranks,
+                             "aggregates mixed ranks exactly.", check=lambda v: _valid_ints(v, low=1),
                              rule="must be empty or comma-separated positive integers")
     server_optimizer: str = _key('sgd', "Server step on the aggregated delta: sgd (lr 1 = FedAvg), momentum (FedAvgM), "
                                  "adam (FedAdam), yogi (FedYogi).", ("sgd", "momentum", "adam", "yogi"))
@@ -172,7 +192,10 @@ class RunConfig:
     device: str = _key('auto', "Client device: auto (CUDA when present), cpu, cuda or cuda:N.",
                        check=lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
                        rule="must be auto, cpu, cuda or cuda:N")
-    seed: int = _key(0, "Seed for partitioning, model init and shuffling.")
+    seed: int = _key(0, "Seed for partitioning, model init, client sampling, shuffling and augmentation.")
+    select_metric: str = _key("val_auc", "Official validation-split metric that selects the reported round (the "
+                              "server evaluates val and test every round; summary.json gives the last and the "
+                              "selected round's test metrics).", ("val_auc", "val_accuracy", "val_loss"))
     out: str = _key('runs', "Directory under which the run directory is created (use an absolute path with flwr run).")
     run_name: str = _key('', "Name of the run directory under `out`; empty: <date>-<time>-<dataset>-<peft>. "
                          "An existing non-empty directory is refused, never overwritten.")
@@ -222,6 +245,11 @@ class RunConfig:
             mixed = ", ".join(a.name for a in AGGREGATORS.values() if a.mixed_ranks)
             raise ConfigError(f"client-ranks needs peft with lora and an aggregation that takes mixed ranks ({mixed}); "
                               f"got peft={self.peft!r}, aggregation={self.aggregation!r}")
+        if self.lr_schedule == "multistep" and not self.lr_milestones:
+            raise ConfigError("lr-schedule=multistep needs lr-milestones, e.g. lr-milestones=\"50,75\"")
+        if self.lr_warmup >= self.num_server_rounds:
+            raise ConfigError(f"lr-warmup {self.lr_warmup} must be fewer than num-server-rounds "
+                              f"{self.num_server_rounds}")
         if "lte" in parts and self.batch_size % self.lte_heads:
             raise ConfigError(f"batch-size {self.batch_size} must be divisible by lte-heads {self.lte_heads}: "
                               f"each head trains on an equal micro-batch")

@@ -1,7 +1,10 @@
 """Local training and evaluation loops: plain PyTorch, shared by clients and the server.
 
-Data stays a uint8 tensor until a batch is on the device, where it is scaled to [-1, 1]; that
-keeps host-to-device traffic at a byte per pixel and needs no DataLoader workers.
+Data stays a uint8 tensor until a batch is on the device, where it is scaled to [-1, 1] (MedMNIST's
+own normalisation, mean 0.5 and std 0.5), resized and augmented (``Inputs``); that keeps
+host-to-device traffic at a byte per pixel and needs no DataLoader workers. Every random choice a
+training call makes (batch order, augmentation, dropout) comes from its ``seed``, never from what
+ran before it in the process: clients that share a process compute what they would alone.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +21,11 @@ import torch.nn.functional as F
 from medmnist.evaluator import getACC, getAUC
 from torch import nn
 
+from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo
+
+RESIZE_MODES = ("nearest", "bilinear", "bicubic")
+AUGMENTS = ("none", "flip", "light")
 
 
 @dataclass
@@ -41,12 +49,53 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _inputs(images: torch.Tensor, device: torch.device, size: int = 0) -> torch.Tensor:
-    """uint8 on the host -> [-1, 1] floats on the device, resized there when the model wants another size."""
-    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if size and size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x
+@dataclass(frozen=True)
+class Inputs:
+    """How uint8 images become model inputs on the device: scaled to [-1, 1], resized to ``size``
+    (0: as stored) with ``resize`` (MedMNIST's "(224)" benchmark rows upsample with nearest), and in
+    training augmented (``augment``): none; flip (horizontal, p = 0.5); light (flip, rotation within
+    ±10°, shift within ±1/8 of the side). Augmentation draws its parameters from a CPU generator,
+    so CPU and GPU runs draw the same ones."""
+
+    size: int = 0
+    resize: str = "bilinear"
+    augment: str = "none"
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Inputs:
+        return cls(cfg.input_size, cfg.resize, cfg.augment)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES or self.augment not in AUGMENTS:
+            raise ValueError(f"Inputs: resize {self.resize!r} (valid: {RESIZE_MODES}), augment {self.augment!r} "
+                             f"(valid: {AUGMENTS})")
+
+    def __call__(self, images: torch.Tensor, device: torch.device,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, C, H, W) uint8 on the host -> (N, C, size, size) floats on ``device``; ``generator``
+        (training only) drives the augmentation."""
+        x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        if self.size and self.size != x.shape[-1]:
+            corners = {} if self.resize == "nearest" else {"align_corners": False}
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.resize, **corners)
+        if generator is not None and self.augment != "none":
+            x = _augment(x, self.augment, generator)
+        return x
+
+
+def _augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    if kind == "flip":
+        return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.25  # ±1/8 of the side, in [-1, 1] units
+    sign = 1 - 2 * flip.float()
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos * sign, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * sign, cos, shift[:, 1]], 1)], 1)  # (N, 2, 3)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, info: TaskInfo) -> torch.Tensor:
@@ -56,27 +105,43 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, info: TaskInfo) -> torch
 
 
 def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
-          weight_decay: float, device: torch.device, seed: int, input_size: int = 0,
-          prox_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+          weight_decay: float, device: torch.device, seed: int, inputs: Inputs = Inputs(),
+          prox_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
+          lr_at: Callable[[int], float] | None = None) -> dict[str, float]:
     """Train the parameters that require grad (with ``optimizer``, default AdamW); returns loss,
     accuracy, seconds and peak memory.
 
     ``prox_mu > 0`` adds FedProx's (mu/2)·||w - w_start||², which keeps a client near the global
-    model it started the round from."""
+    model it started the round from. ``lr_at(epoch)`` sets the learning rate of each local epoch
+    (a schedule, ``task/schedule.py``); without it every epoch uses ``lr``. The global RNG (dropout)
+    is reseeded from ``seed`` for the call and restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _train(model, data, info, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      device=device, seed=seed, inputs=inputs, prox_mu=prox_mu, optimizer=optimizer, lr_at=lr_at)
+
+
+def _train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
+           weight_decay: float, device: torch.device, seed: int, inputs: Inputs, prox_mu: float,
+           optimizer: torch.optim.Optimizer | None, lr_at: Callable[[int], float] | None) -> dict[str, float]:
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if prox_mu else []
     opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    aug = torch.Generator().manual_seed(seed + 1) if inputs.augment != "none" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch)
         order = torch.randperm(len(data), generator=gen)
         # drop a last batch of one: BatchNorm cannot train on it
         batches = [b for b in order.split(batch_size) if len(b) > 1 or len(order) == 1]
         for idx in batches:
-            x, y = _inputs(data.images[idx], device, input_size), data.labels[idx].to(device)
+            x, y = inputs(data.images[idx], device, aug), data.labels[idx].to(device)
             with _autocast(device):
                 logits = model(x)
             task_loss = loss = loss_fn(logits, y, info)
@@ -99,12 +164,12 @@ def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_s
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, info: TaskInfo, *, device: torch.device,
-             batch_size: int = 256, input_size: int = 0) -> EvalResult:
+             batch_size: int = 256, inputs: Inputs = Inputs()) -> EvalResult:
     """Loss plus ACC and AUC computed exactly as medmnist's Evaluator computes them."""
     model.to(device).eval()
     scores, total_loss = [], 0.0
     for start in range(0, len(data), batch_size):
-        x = _inputs(data.images[start:start + batch_size], device, input_size)
+        x = inputs(data.images[start:start + batch_size], device)
         y = data.labels[start:start + batch_size].to(device)
         with _autocast(device):
             logits = model(x).float()

@@ -12,7 +12,8 @@ from torch import nn
 from fedmeld.peft.lte import merge_lte, reset_lte
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo
-from fedmeld.task.engine import train
+from fedmeld.task.engine import Inputs, train
+from fedmeld.task.schedule import lr_at
 
 
 def lora_heads(cfg: RunConfig) -> int:
@@ -47,15 +48,18 @@ def merge_every(model: nn.Module, steps: int) -> Iterator[None]:
 
 
 def train_lte(model: nn.Module, data: Split, info: TaskInfo, cfg: RunConfig, *, epochs: int,
-              device: torch.device, seed: int, reset: bool = True, merge: bool = True) -> dict[str, float]:
-    """``task.engine.train`` through the heads, merging on the schedule and once at the end.
-    ``reset`` re-draws the heads first; ``merge=False`` never merges (a plain multi-head LoRA)."""
+              device: torch.device, seed: int, server_round: int = 1, reset: bool = True,
+              merge: bool = True) -> dict[str, float]:
+    """``task.engine.train`` through the heads at the round's learning rates, merging on the
+    schedule and once at the end. ``reset`` re-draws the heads first; ``merge=False`` never merges
+    (a plain multi-head LoRA)."""
     if reset:
         reset_lte(model, torch.Generator().manual_seed(seed))
     data = for_heads(data, cfg.batch_size, lora_heads(cfg))
     with merge_every(model, cfg.lte_merge_every) if merge else nullcontext():
         stats = train(model, data, info, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                      weight_decay=cfg.weight_decay, device=device, seed=seed, input_size=cfg.input_size)
+                      weight_decay=cfg.weight_decay, device=device, seed=seed, inputs=Inputs.of(cfg),
+                      lr_at=lambda epoch: lr_at(cfg, server_round, epoch))
     if merge:
         merge_lte(model)
     return stats

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmeld.peft import GaLoreAdamW, PeftConfig, apply_peft, galore_param_groups
 from fedmeld.peft.lora import matches
-from fedmeld.task.config import RunConfig, peft_method
+from fedmeld.task.config import ConfigError, RunConfig, peft_method
 from fedmeld.task.data import TaskInfo
 
 
@@ -58,7 +58,8 @@ def is_local(name: str, cfg: RunConfig) -> bool:
 
 
 def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
-    """The plain timm model (no adapters), as `timm.create_model` gives it to anyone."""
+    """The plain timm model (no adapters), as `timm.create_model` gives it to anyone (with
+    ``stem=small``, its stem replaced: ``small_stem``)."""
     kwargs: dict = {"num_classes": info.num_classes, "in_chans": info.in_chans}
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
@@ -69,7 +70,7 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     else:
         kwargs["pretrained"] = cfg.pretrained
     try:
-        return _create(cfg, kwargs)
+        model = _create(cfg, kwargs)
     except RuntimeError as err:
         if cfg.weights:
             raise WeightsError(f"could not load {cfg.weights} into {cfg.model}: {err}") from err
@@ -82,11 +83,52 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
                 f"and set HF_HUB_OFFLINE=1, or set pretrained=false for random init."
             ) from err
         raise
+    if cfg.stem == "small":
+        small_stem(model, keep_weights=bool(kwargs["pretrained"]))
+    return model
 
 
 def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     """The backbone with the run's adapters applied and everything else frozen."""
     return apply_peft(create_backbone(cfg, info), peft_config(cfg))
+
+
+@torch.no_grad()
+def small_stem(model: nn.Module, keep_weights: bool) -> None:
+    """A stem that keeps small inputs large (``stem=small``): a 28 px image reaches ResNet's last
+    stage at 4x4 instead of 1x1. ResNet: a 3x3 stride-1 conv and no max-pool (MedMNIST v2's CIFAR-style
+    "(28)" ResNets; a deep stem keeps its convs at stride 1); ConvNeXt: a 2x2 stride-2 patchify;
+    EfficientNet: the stem conv at stride 1. With pretrained weights (``keep_weights``) a replaced
+    kernel is the centre of the pretrained one, else it is initialised as timm initialises convs."""
+    if isinstance(getattr(model, "maxpool", None), nn.Module) and hasattr(model, "conv1"):  # timm ResNets
+        if isinstance(model.conv1, nn.Conv2d):
+            model.conv1 = _smaller_conv(model.conv1, kernel=3, stride=1, keep_weights=keep_weights)
+        else:  # deep stem (resnet10t, resnet*d): its first conv strides
+            next(m for m in model.conv1.modules() if isinstance(m, nn.Conv2d)).stride = (1, 1)
+        model.maxpool = nn.Identity()
+    elif isinstance(getattr(model, "stem", None), nn.Sequential) and isinstance(model.stem[0], nn.Conv2d) \
+            and model.stem[0].stride == (4, 4):  # ConvNeXt's patchify stem
+        model.stem[0] = _smaller_conv(model.stem[0], kernel=2, stride=2, keep_weights=keep_weights)
+    elif isinstance(getattr(model, "conv_stem", None), nn.Conv2d):  # EfficientNet, MobileNet
+        model.conv_stem.stride = (1, 1)
+    else:
+        raise ConfigError(f"stem=small is defined for timm's ResNet, ConvNeXt and EfficientNet families, not "
+                          f"{type(model).__name__}; use stem=default (ViTs: choose the patch size instead)")
+
+
+def _smaller_conv(conv: nn.Conv2d, kernel: int, stride: int, keep_weights: bool) -> nn.Conv2d:
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, kernel, stride, padding=(kernel - 1) // 2 if stride == 1
+                    else 0, bias=conv.bias is not None).to(conv.weight)
+    if keep_weights:
+        top = (conv.kernel_size[0] - kernel) // 2
+        new.weight.copy_(conv.weight[:, :, top:top + kernel, top:top + kernel])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    else:
+        nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        if new.bias is not None:
+            nn.init.zeros_(new.bias)
+    return new
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

@@ -24,13 +24,20 @@ Written against flwr 1.41/1.42 (``SUPPORTED`` in this package; it reuses Flower'
   task. If the executor dies, the SuperNode answers for it (code 8) once the task's heartbeat stops;
 * no runtime dependency installation: the app runs in the executor's own environment.
 
+SuperExec authentication (Flower's experimental ``--superexec-auth-secret-file``, as for
+``flower-superexec``): with a secret, the SuperNode answers ``AcquireTask`` only to a caller that signs
+it with an HMAC of that secret, so another process on the host cannot claim the node's tasks (and with
+them the instructions and the global model). Give the SuperNode (``--isolation process``) and this
+executor the same file. The task's own calls are then authorised by the token ``AcquireTask`` returned.
+
 A hospital runs its SuperNode with ``--isolation process`` (``fedmeld supernode`` is
 ``flower-supernode`` with shorter waits) and this executor next to it, on the SuperNode's Runtime
 API (loopback, plain HTTP, by default)::
 
-    fedmeld supernode --superlink SUPERLINK:PORT --root-certificates ca.pem \\
-        --isolation process --port 9094 --node-config 'partition-id=0 num-partitions=8 data-root="/data"'
-    fedmeld executor --runtime-api-address 127.0.0.1:9094 --insecure
+    fedmeld supernode --superlink SUPERLINK:PORT --root-certificates ca.pem --auth-supernode-private-key node.key \\
+        --isolation process --port 9094 --superexec-auth-secret-file superexec.secret \\
+        --node-config 'partition-id=0 num-partitions=8 data-root="/data"'
+    fedmeld executor --runtime-api-address 127.0.0.1:9094 --insecure --superexec-auth-secret-file superexec.secret
 
 ``fedmeld deploy`` does the same on localhost (``--isolation process``, its default).
 """
@@ -59,12 +66,18 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     SendTaskHeartbeatRequest,
 )
 from flwr.supercore import log
+from flwr.supercore.auth import add_superexec_auth_secret_args, load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import Run
+from flwr.supercore.superexec.run_superexec import _SUPEREXEC_AUTH_METHODS  # what flower-superexec signs
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
 from flwr.supercore.tls import validate_and_resolve_root_certificates
@@ -182,11 +195,15 @@ def run_task(address: str, certificates: bytes | None, insecure: bool, token: st
 
 
 def serve(address: str, certificates: bytes | None, insecure: bool, app: FabClientApps,
-          poll_interval: float) -> None:
-    """Claim and run ClientApp tasks one at a time, forever (a SuperNode hands out one message at a time)."""
+          poll_interval: float, auth_secret: bytes | None = None) -> None:
+    """Claim and run ClientApp tasks one at a time, forever (a SuperNode hands out one message at a time);
+    with ``auth_secret``, each claim is signed as ``flower-superexec`` signs it."""
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret,
+                                                         protected_methods=_SUPEREXEC_AUTH_METHODS))
     client = RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=insecure, root_certificates=certificates,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        server_address=address, insecure=insecure, root_certificates=certificates, interceptors=interceptors,
         retry_invoker=make_simple_http_retry_invoker())  # waits for a SuperNode that is not up yet
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     log(INFO, "fedmeld executor: running ClientApp tasks of the SuperNode at %s in this process", address)
@@ -214,11 +231,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root-certificates", metavar="CA.pem", help="CA that signed the Runtime API's certificate")
     parser.add_argument("--poll-interval", type=float, default=0.2, metavar="SECONDS",
                         help="wait between asks for a pending task when there was none; default 0.2")
+    add_superexec_auth_secret_args(parser)  # the same file as the SuperNode's --superexec-auth-secret-file
     args = parser.parse_args(argv)
     require_supported("fedmeld executor")
     certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
     try:
-        serve(args.runtime_api_address, certificates, args.insecure, FabClientApps(), args.poll_interval)
+        secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+    except ValueError as err:
+        parser.error(f"{err}; pass the file the SuperNode's --superexec-auth-secret-file names")
+    try:
+        serve(args.runtime_api_address, certificates, args.insecure, FabClientApps(), args.poll_interval, secret)
     except KeyboardInterrupt:
         pass
 

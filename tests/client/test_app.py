@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from fedmeld.server.delta import DeltaProtocol
 from fedmeld.server.strategy import FedmeldStrategy
 from fedmeld.task.wire import pack
@@ -32,3 +35,37 @@ def test_a_client_without_validation_data_replies_and_is_skipped(medmnist_root, 
     other = Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, "val_accuracy": 0.5, "val_loss": 1.0})}),
                     reply_to=msg)
     assert strategy.aggregate_evaluate(1, [reply, other])["val_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("overrides", [
+    {"peft": "lora+norm", "model": "resnet10t", "lora-dropout": 0.1, "augment": "light"},  # dropout, augmentation
+    {"peft": "lte", "model": "vit_pico_patch4_28", "lte-heads": 2, "batch-size": 16},
+], ids=["delta", "backbone-merge"])
+def test_a_clients_reply_does_not_depend_on_who_trained_before_it(overrides, medmnist_root, task_identity):
+    """Virtual clients share a process (and its cached model): client 1's reply is bit-identical
+    whether it trains first or after client 0 did."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedmeld.client.app import train_handler
+    from fedmeld.server.app import PROTOCOLS
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.data import task_info
+    from fedmeld.task.wire import unpack
+
+    cfg = RunConfig.from_mapping({"num-clients": 2, "local-epochs": 1, "device": "cpu",
+                                  "data-root": str(medmnist_root), **overrides})
+    kind = PROTOCOLS[cfg.protocol]
+    protocol = kind.for_run(cfg, kind.build_model(cfg, task_info(cfg.dataset)))
+
+    def reply(partition: int) -> dict:
+        state, records, _ = protocol.payload(partition)
+        msg = Message(RecordDict({"arrays": pack(state), "config": ConfigRecord({**cfg.to_flower(), "server-round": 1}),
+                                  **records}), dst_node_id=partition, message_type="train")
+        context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition, "num-partitions": 2},
+                          state=RecordDict(), run_config={})
+        return unpack(train_handler(msg, context).content["arrays"])
+
+    alone = reply(1)
+    reply(0)
+    after = reply(1)
+    assert alone.keys() == after.keys() and all(torch.equal(alone[k], after[k]) for k in alone)

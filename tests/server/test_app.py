@@ -37,8 +37,10 @@ def test_every_message_of_a_round_moves_one_array(overrides, tiny_config):
     cfg = RunConfig.from_mapping({**tiny_config, "model": "vit_pico_patch4_28", "num-server-rounds": 1, "device": "cpu",
                                   **overrides})
     federate(RecordingGrid(client_app, cfg.num_clients), cfg)
-    assert {m.metadata.message_type for m, _ in exchanged} == {"train", "evaluate"}
-    for message, reply in exchanged:
+    assert {m.metadata.message_type for m, _ in exchanged} == {"train", "evaluate", "query"}
+    queries = [(m, r) for m, r in exchanged if m.metadata.message_type == "query"]
+    assert len(queries) == cfg.num_clients and not any(m.content.array_records for m, _ in queries)  # once per node
+    for message, reply in [(m, r) for m, r in exchanged if m.metadata.message_type != "query"]:
         assert not reply.has_error(), reply.error.reason
         assert len(_one_array(message)) == 1, message.metadata.message_type
         assert len(_one_array(reply)) == (1 if message.metadata.message_type == "train" else 0)

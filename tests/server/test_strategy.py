@@ -18,13 +18,17 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # conftest.py: messages n
 
 
 class FakeGrid:
-    """The one Grid call FedAvg's sampling makes."""
+    """The Grid calls sampling makes: the node ids, and a query for partition ids that nobody answers
+    (the strategy then orders nodes by id)."""
 
     def __init__(self, node_ids: list[int]) -> None:
         self.node_ids = node_ids
 
     def get_node_ids(self) -> list[int]:
         return self.node_ids
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        return []
 
 
 def _reply(instruction: Message, delta: dict[str, torch.Tensor] | None, n: int) -> Message:

@@ -58,3 +58,32 @@ def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
     assert main(["--grid", str(grid), "--out", str(out), "--backend", "inprocess"]) == 0
     assert "norm: running" in capsys.readouterr().out
     assert len(list((out / "runs").glob("norm.stale-*"))) == 1
+
+
+def test_seeds_repeat_every_config_and_the_table_gives_mean_and_std(medmnist_root, tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[base]\ndata-root = "{medmnist_root}"\nmodel = "resnet10t"\nnum-clients = 2\npeft = "norm"\n'
+                    'num-server-rounds = 1\nlocal-epochs = 1\n[grid]\nlr = [0.01, 0.001]\n')
+    out = tmp_path / "sweep"
+    assert main(["--grid", str(grid), "--out", str(out), "--backend", "inprocess", "--seeds", "0,1"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["run"], r["config"], r["seed"]) for r in rows] == [
+        ("0.01_seed0", "0.01", "0"), ("0.01_seed1", "0.01", "1"), ("0.001_seed0", "0.001", "0"),
+        ("0.001_seed1", "0.001", "1")]
+    table = (out / "results.md").read_text()
+    for config in ("0.01", "0.001"):
+        runs = [r for r in rows if r["config"] == config]
+        acc = [float(r["selected_test_accuracy"]) for r in runs]
+        mean, std = sum(acc) / 2, abs(acc[0] - acc[1]) / 2 ** 0.5  # the sample std of two values
+        assert f"| {config} | 0,1 | " in table and f"{mean:.3f} ± {std:.3f}" in table
+
+
+def test_the_medmnist_v2_preset_is_the_papers_protocol(tmp_path):
+    planned = dict(plan(tomllib.loads((PRESETS / "medmnist-v2.toml").read_text()), tmp_path))
+    assert len(planned) == 2 * 3 * 3  # (28) and (224), central / IID / Dirichlet 0.5, three seeds
+    central = planned["28_central_seed0"]
+    assert (central.model, central.peft, central.lr, central.batch_size, central.num_server_rounds) == (
+        "resnet18", "full", 0.001, 128, 100)
+    assert (central.lr_schedule, central.lr_milestones, central.select_metric, central.stem) == (
+        "multistep", "50,75", "val_auc", "small")
+    assert (planned["224_fed-iid_seed2"].input_size, planned["224_fed-iid_seed2"].resize) == (224, "nearest")

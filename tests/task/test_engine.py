@@ -10,7 +10,7 @@ from medmnist import Evaluator
 from fedmeld.peft import adapter_state
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import load_split, task_info
-from fedmeld.task.engine import medmnist_acc, medmnist_auc, pick_device, train
+from fedmeld.task.engine import Inputs, medmnist_acc, medmnist_auc, pick_device, train
 from fedmeld.task.model import build_model
 
 
@@ -40,3 +40,26 @@ def test_fedprox_keeps_the_client_near_the_global_model(medmnist_root):
         end = adapter_state(model)
         drift[mu] = sum((end[k] - start[k]).pow(2).sum().item() for k in start if "running" not in k)
     assert drift[10.0] < 0.8 * drift[0.0]
+
+
+def test_nearest_upsampling_replicates_pixels_as_medmnist_v2_does():
+    """28 -> 224 with nearest: every pixel becomes an 8x8 block (PIL's NEAREST does the same)."""
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    x = Inputs(size=224, resize="nearest")(images, torch.device("cpu"))
+    blocks = (images.float() / 127.5 - 1).repeat_interleave(8, -1).repeat_interleave(8, -2)
+    assert torch.equal(x, blocks)
+    assert not torch.equal(Inputs(size=224, resize="bilinear")(images, torch.device("cpu")), blocks)
+
+
+@pytest.mark.parametrize("augment", ["flip", "light"])
+def test_augmentation_follows_its_seed_and_changes_the_images(augment):
+    images = torch.randint(0, 256, (16, 3, 28, 28), dtype=torch.uint8)
+    inputs, cpu = Inputs(augment=augment), torch.device("cpu")
+    plain = Inputs()(images, cpu)
+    first = inputs(images, cpu, torch.Generator().manual_seed(5))
+    assert torch.equal(first, inputs(images, cpu, torch.Generator().manual_seed(5)))
+    assert not torch.equal(first, inputs(images, cpu, torch.Generator().manual_seed(6)))
+    changed = [not torch.equal(a, b) for a, b in zip(first, plain)]
+    assert 0 < sum(changed) <= 16 and torch.equal(inputs(images, cpu), plain)  # evaluation: never augmented
+    if augment == "flip":  # each image is itself or its mirror image
+        assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(first, plain))

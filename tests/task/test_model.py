@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fedmeld.task.config import RunConfig
+from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import task_info
 from fedmeld.task.model import WeightsError, build_model, create_backbone
 
@@ -84,3 +84,39 @@ def test_galore_optimizer_from_the_run_config():
     cfg = RunConfig.from_mapping({"model": "resnet10t", "peft": "full", "optimizer": "galore-adamw", "galore-rank": 4})
     opt = make_optimizer(build_model(cfg, task_info("breastmnist")), cfg)
     assert isinstance(opt, GaLoreAdamW) and opt.param_groups[0]["rank"] == 4
+
+
+def test_small_stem_keeps_a_28px_resnet18_at_4x4():
+    """MedMNIST v2's "(28)" ResNet: 3x3 stride-1 stem, no max-pool; timm's stem would leave 1x1."""
+    info = task_info("breastmnist")
+    x = torch.zeros(2, 1, 28, 28)
+    for stem, side in (("default", 1), ("small", 4)):
+        model = create_backbone(RunConfig.from_mapping({"model": "resnet18", "stem": stem}), info)
+        assert model.forward_features(x).shape[-2:] == (side, side), stem
+    small = create_backbone(RunConfig.from_mapping({"model": "resnet18", "stem": "small"}), info)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and isinstance(small.maxpool, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("model, side", [("resnet10t", 4), ("convnext_atto", 1), ("efficientnet_b0", 2)])
+def test_small_stem_on_other_families_adapts_and_trains(model, side):
+    """Deep stems, ConvNeXt's patchify and EfficientNet's stem: larger late feature maps, LoRA still
+    finds its targets and the head trains."""
+    cfg = RunConfig.from_mapping({"model": model, "stem": "small", "peft": "lora"})
+    built = build_model(cfg, task_info("breastmnist"))
+    assert built.forward_features(torch.zeros(2, 1, 28, 28)).shape[-1] == side
+    assert any("lora_B" in n for n, p in built.named_parameters() if p.requires_grad)
+
+
+def test_small_stem_keeps_pretrained_weights_centre_cropped(tmp_path):
+    info = task_info("breastmnist")
+    source = timm.create_model("resnet18", num_classes=2, in_chans=1)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    cfg = RunConfig.from_mapping({"model": "resnet18", "stem": "small", "weights": str(tmp_path / "w.safetensors")})
+    model = create_backbone(cfg, info)
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight[:, :, 2:5, 2:5])
+    torch.testing.assert_close(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+
+
+def test_small_stem_is_refused_where_it_is_not_defined():
+    with pytest.raises(ConfigError, match="stem=small is defined for timm's ResNet"):
+        create_backbone(RunConfig.from_mapping({"model": "vit_pico_patch4_28", "stem": "small"}), task_info("breastmnist"))
