@@ -36,8 +36,10 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulation backend of every run (see fedmeld run --help)")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="overrides applied to every run (e.g. num-server-rounds=2 for a smoke test)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at a time, each its own process (a GPU box: several; default 1)")
     parser.add_argument("--seeds", metavar="0,1,2", help="run every config once per seed; tables give mean ± std "
                                                          "(default: the grid file's [sweep] seeds, else one run)")
     args = parser.parse_args(argv)
@@ -243,17 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid["base"] = {**grid.get("base", {}), **parse_overrides(args.set)}
         out = Path(args.out or f"runs/sweep-{path.stem}").resolve()
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
         planned = plan(grid, out, seeds)
     except ConfigError as err:
         parser.error(str(err))
     out.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {len(planned)} runs into {out}", flush=True)
-    failed = []
-    for name, cfg in planned:
-        if not run_one(name, cfg, out, args.backend):
-            failed.append(name)
-        write_reports(collect(planned, out), out, f"Sweep {path.stem}")  # current after every run
+    failed, lock = [], threading.Lock()
+
+    def run(item: tuple[str, RunConfig]) -> None:
+        if not run_one(*item, out, args.backend):
+            failed.append(item[0])
+        with lock:
+            write_reports(collect(planned, out), out, f"Sweep {path.stem}")  # current after every run
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is a process of its own
+        list(pool.map(run, planned))
     print(f"[sweep] {len(planned) - len(failed)}/{len(planned)} runs finished; tables in {out}", flush=True)
     print(out)
     return 1 if failed else 0
