@@ -54,7 +54,7 @@ ISOLATIONS = ("process", "subprocess")
 STATUS_SECONDS = 15.0  # between `flwr ls` calls (about 1.3 s of CPU each) until summary.json shows up
 CONNECTION = "deploy"  # the flwr CLI's name for this SuperLink in $FLWR_HOME/config.toml
 JOINED = re.compile(r"SuperNode ID: (\d+)")  # a SuperNode's log line once the SuperLink activated it
-RETRY_SECONDS = 2.0  # between attempts to restart a SuperNode that the SuperLink still counts as online
+RETRY_SECONDS = 1.0  # between attempts to restart a SuperNode that the SuperLink still counts as online
 
 
 def write_app(folder: Path) -> Path:
@@ -222,8 +222,9 @@ class Deployment:
                               timeout=timeout)
 
     def register(self, public_key: Path) -> None:
-        """Admit a SuperNode's public key (``flwr supernode register``); one registered before (this
-        home's database keeps registrations) is admitted already. ``flwr`` exits 0 on failure too."""
+        """Admit a SuperNode's public key (``flwr supernode register``). Flower answers "already in
+        use" for a key this home's database registered before (admitted: fine) and for one unregistered
+        since (refused for good: its SuperNode's log will say so). ``flwr`` exits 0 on failure too."""
         out = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
         try:
             answer = json.loads(out.stdout)
@@ -273,14 +274,15 @@ class Deployment:
             proc = self.start(name, self.commands[name])
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
-                    node = int(self.wait_for(name, JOINED, timeout=1.0, offset=offset)[1])
+                    node = int(self.wait_for(name, JOINED, timeout=0.2, offset=offset)[1])
                 except TimeoutError:
                     continue
                 if f"executor-{index}" in self.commands:
                     self.start(f"executor-{index}", self.commands[f"executor-{index}"])
                 return node
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"SuperNode {index} did not rejoin within {timeout:.0f} s; see {self.home / name}.log")
+                raise TimeoutError(f"SuperNode {index} did not rejoin within {timeout:.0f} s; "
+                                   f"see {self.home / name}.log")
             time.sleep(RETRY_SECONDS)
 
     def submit(self, cfg: RunConfig) -> int:

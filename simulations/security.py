@@ -216,7 +216,7 @@ def load_local_credentials(folder: Path, num_nodes: int) -> Credentials:
             creates[path] = f"fedmeld keys node {folder} --name {name}"
     missing = [f"{path} (create it with `{command}`)" for path, command in creates.items() if not path.is_file()]
     if missing:
-        raise CredentialError(f"--certs {folder} lacks {len(missing)} file(s): " + "; ".join(missing))
+        raise CredentialError(f"{folder} lacks {len(missing)} credential file(s): " + "; ".join(missing))
     return Credentials(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY,
                        tuple(node_key_paths(folder, local_node_name(i))[0] for i in range(num_nodes)))
 
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = "give ca.pem to every hospital; keep ca.key offline (it signs server certificates)"
         elif args.command == "server":
             written = create_server_certificate(args.dir, args.host, args.days)
-            hint = "start flower-superlink with --ssl-ca-certfile ca.pem --ssl-certfile server.pem --ssl-keyfile server.key"
+            hint = ("start flower-superlink with --ssl-ca-certfile ca.pem --ssl-certfile server.pem "
+                    "--ssl-keyfile server.key")
         elif args.command == "node":
             written = create_node_keys(args.dir, args.name)
             hint = f"send {args.name}.pub to the server admin; {args.name}.key never leaves this site"

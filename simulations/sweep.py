@@ -90,8 +90,9 @@ def plan(grid: dict[str, Any], out: Path, seeds: list[int] | None = None) -> lis
     return planned
 
 
-def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray") -> bool:
-    """One simulation in its own process (fresh Ray, fresh memory); True if it finished."""
+def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray", threads: int = 0) -> bool:
+    """One simulation in its own process (fresh Ray, fresh memory); True if it finished. ``threads``
+    caps its CPU threads (0: torch's default, every core), so parallel runs do not oversubscribe."""
     run_dir = out / "runs" / name
     summary = run_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text())["config"] == cfg.to_flower():
@@ -111,7 +112,8 @@ def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray") -> bool:
                                  "--backend", backend],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=Path(__file__).resolve().parent.parent,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
+                                env={**os.environ, "PYTHONUNBUFFERED": "1",  # progress as it happens
+                                     **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
         for line in proc.stdout:
             log.write(line)
             if line.startswith("[fedmeld]"):
@@ -257,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] {len(planned)} runs into {out}", flush=True)
     failed, lock = [], threading.Lock()
 
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
+
     def run(item: tuple[str, RunConfig]) -> None:
-        if not run_one(*item, out, args.backend):
+        if not run_one(*item, out, args.backend, threads):
             failed.append(item[0])
         with lock:
             write_reports(collect(planned, out), out, f"Sweep {path.stem}")  # current after every run
