@@ -159,9 +159,8 @@ def test_secure_superlink_refuses_what_it_should_not_admit(tmp_path):
             "insecure": None,
         }
         procs = {}
-        for name, security in attempts.items():
-            [cmd] = supernode_commands(fed.port, 1, "partition-id=1 num-partitions=2", "subprocess",
-                                       security).values()
+        for name, security in attempts.items():  # process isolation: the SuperNode alone, no executor needed
+            cmd = supernode_commands(fed.port, 1, "partition-id=1 num-partitions=2", "process", security)["supernode-1"]
             procs[name] = fed.start(name, [*cmd, "--max-retries", "2"])  # give up on a closed connection
         rogue_executor = list(fed.commands["executor-0"])  # the node's executor command, less the secret
         secret_at = rogue_executor.index("--superexec-auth-secret-file")
