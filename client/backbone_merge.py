@@ -48,7 +48,7 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split) -> Mes
         model = _model(cfg)
         load(model, backbone.base, global_dense(payload))
         result = evaluate_model(model, data, task_info(cfg.dataset), device=pick_device(cfg.device),
-                                inputs=Inputs.of(cfg))
+                                inputs=Inputs.of(cfg), precision=cfg.precision)
         metrics |= {"val_loss": result.loss, "val_accuracy": result.accuracy}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -27,7 +27,8 @@ def train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int
     stats = train_model(model, data, task_info(cfg.dataset), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                         lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device),
                         inputs=Inputs.of(cfg), seed=seed, prox_mu=cfg.proximal_mu,
-                        optimizer=make_optimizer(model, cfg), lr_at=lambda epoch: lr_at(cfg, server_round, epoch))
+                        optimizer=make_optimizer(model, cfg), lr_at=lambda epoch: lr_at(cfg, server_round, epoch),
+                        precision=cfg.precision)
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     if cfg.local_params:
         context.state[LOCAL_KEY] = pack({k: v for k, v in state.items() if is_local(k, cfg)})
@@ -40,7 +41,7 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split) -> Mes
     if not len(data):  # a tiny skewed shard can leave nothing to validate on: say so, don't fail
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     result = evaluate_model(_load_model(cfg, _global_state(msg, cfg), context), data, task_info(cfg.dataset),
-                            device=pick_device(cfg.device), inputs=Inputs.of(cfg))
+                            device=pick_device(cfg.device), inputs=Inputs.of(cfg), precision=cfg.precision)
     metrics = MetricRecord({"num-examples": len(data), "val_loss": result.loss, "val_accuracy": result.accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

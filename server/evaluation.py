@@ -52,7 +52,8 @@ class CentralEvaluation:
         ``selected.safetensors``, when the validation metric selects this round."""
         metrics = {}
         for name, split in (("val", self.val), ("test", self.test)):
-            result = evaluate(model, split, self.info, device=self.device, inputs=Inputs.of(self.cfg))
+            result = evaluate(model, split, self.info, device=self.device, inputs=Inputs.of(self.cfg),
+                              precision=self.cfg.precision)
             metrics |= {f"{name}_loss": result.loss, f"{name}_accuracy": result.accuracy, f"{name}_auc": result.auc}
         extra = {"lr": lr_at(self.cfg, server_round)} if server_round else {}
         self.recorder.log_evaluation(server_round, metrics, {**round_stats, **extra}, self.cfg.num_server_rounds)

@@ -314,7 +314,8 @@ def bare_client_seconds(overrides: list[str]) -> dict:
     for pid in [0, *range(cfg.num_clients)]:
         shard = load_shard(cfg, pid, cfg.num_clients)
         stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                      weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, inputs=Inputs.of(cfg))
+                      weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, inputs=Inputs.of(cfg),
+                      precision=cfg.precision)
         seconds.append(stats["train_seconds"])
     return {"per_client_s": [round(t, 3) for t in seconds[1:]], "slowest_s": round(max(seconds[1:]), 3),
             "sum_s": round(sum(seconds[1:]), 3)}

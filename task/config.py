@@ -10,6 +10,7 @@ aggregator registries, plugins included (``fedmeld.task.plugins``).
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,20 @@ MEDMNIST_2D = (
 
 class ConfigError(ValueError):
     """A run-config key or value that cannot be used; the message says how to fix it."""
+
+
+def model_kwargs(value: str) -> dict[str, Any] | None:
+    """``model-args`` as keyword arguments (TOML values, bare words as strings); None if malformed."""
+    kwargs: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            return None
+        try:
+            kwargs[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            kwargs[key.strip()] = raw.strip()
+    return kwargs
 
 
 def _valid_ints(value: str, low: int) -> bool:
@@ -111,7 +126,13 @@ class RunConfig:
                      ("default", "small"))
     data_root: str = _key('', "Directory holding the MedMNIST .npz files. Empty: $MEDMNIST_ROOT, "
                           "else medmnist's default (~/.medmnist), downloading when the file is absent.")
-    model: str = _key('resnet18', "timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224.")
+    model: str = _key("resnet18", "timm model name, e.g. resnet18, convnext_atto, vit_tiny_patch16_224.")
+    model_args: str = _key("", "Extra timm.create_model keyword arguments, comma-separated key=value with TOML "
+                           "values, e.g. zero_init_last=false (torchvision's ResNet init) or drop_path_rate=0.1.",
+                           check=lambda v: model_kwargs(v) is not None, rule="must be comma-separated key=value "
+                           "with TOML values, e.g. zero_init_last=false,drop_rate=0.1")
+    precision: str = _key("bf16", "Compute precision on CUDA: bf16 (autocast) or fp32 (MedMNIST v2's). The CPU "
+                          "always computes in fp32.", ("bf16", "fp32"))
     pretrained: bool = _key(False, "Load pretrained weights: from `weights` if set, else timm's hub/HF cache "
                             "(set HF_HUB_OFFLINE=1 to use only the cache).")
     weights: str = _key('', "Local weights file (.safetensors/.pth/.bin) for the backbone; implies pretrained. "

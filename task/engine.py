@@ -26,6 +26,7 @@ from fedmeld.task.data import Split, TaskInfo
 
 RESIZE_MODES = ("nearest", "bilinear", "bicubic")
 AUGMENTS = ("none", "flip", "light")
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass
@@ -44,9 +45,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA, where it is fast and safe for training; full precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (``precision="bf16"``), where it is fast and safe for training; full
+    precision on the CPU or with ``precision="fp32"``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and precision == "bf16" \
+        else nullcontext()
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, info: TaskInfo) -> torch
 def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
           weight_decay: float, device: torch.device, seed: int, inputs: Inputs = Inputs(),
           prox_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
-          lr_at: Callable[[int], float] | None = None) -> dict[str, float]:
+          lr_at: Callable[[int], float] | None = None, precision: str = "bf16") -> dict[str, float]:
     """Train the parameters that require grad (with ``optimizer``, default AdamW); returns loss,
     accuracy, seconds and peak memory.
 
@@ -118,12 +123,14 @@ def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_s
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         return _train(model, data, info, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      device=device, seed=seed, inputs=inputs, prox_mu=prox_mu, optimizer=optimizer, lr_at=lr_at)
+                      device=device, seed=seed, inputs=inputs, prox_mu=prox_mu, optimizer=optimizer, lr_at=lr_at,
+                      precision=precision)
 
 
 def _train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
            weight_decay: float, device: torch.device, seed: int, inputs: Inputs, prox_mu: float,
-           optimizer: torch.optim.Optimizer | None, lr_at: Callable[[int], float] | None) -> dict[str, float]:
+           optimizer: torch.optim.Optimizer | None, lr_at: Callable[[int], float] | None,
+           precision: str) -> dict[str, float]:
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if prox_mu else []
@@ -142,7 +149,7 @@ def _train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_
         batches = [b for b in order.split(batch_size) if len(b) > 1 or len(order) == 1]
         for idx in batches:
             x, y = inputs(data.images[idx], device, aug), data.labels[idx].to(device)
-            with _autocast(device):
+            with _autocast(device, precision):
                 logits = model(x)
             task_loss = loss = loss_fn(logits, y, info)
             if prox_mu:
@@ -164,14 +171,14 @@ def _train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, info: TaskInfo, *, device: torch.device,
-             batch_size: int = 256, inputs: Inputs = Inputs()) -> EvalResult:
+             batch_size: int = 256, inputs: Inputs = Inputs(), precision: str = "bf16") -> EvalResult:
     """Loss plus ACC and AUC computed exactly as medmnist's Evaluator computes them."""
     model.to(device).eval()
     scores, total_loss = [], 0.0
     for start in range(0, len(data), batch_size):
         x = inputs(data.images[start:start + batch_size], device)
         y = data.labels[start:start + batch_size].to(device)
-        with _autocast(device):
+        with _autocast(device, precision):
             logits = model(x).float()
         total_loss += loss_fn(logits, y, info).item() * len(y)
         scores.append((torch.sigmoid(logits) if info.multi_label else logits.softmax(-1)).cpu())

@@ -59,7 +59,7 @@ def train_lte(model: nn.Module, data: Split, info: TaskInfo, cfg: RunConfig, *, 
     with merge_every(model, cfg.lte_merge_every) if merge else nullcontext():
         stats = train(model, data, info, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, device=device, seed=seed, inputs=Inputs.of(cfg),
-                      lr_at=lambda epoch: lr_at(cfg, server_round, epoch))
+                      lr_at=lambda epoch: lr_at(cfg, server_round, epoch), precision=cfg.precision)
     if merge:
         merge_lte(model)
     return stats

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmeld.peft import GaLoreAdamW, PeftConfig, apply_peft, galore_param_groups
 from fedmeld.peft.lora import matches
-from fedmeld.task.config import ConfigError, RunConfig, peft_method
+from fedmeld.task.config import ConfigError, RunConfig, model_kwargs, peft_method
 from fedmeld.task.data import TaskInfo
 
 
@@ -143,6 +143,7 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 def _create(cfg: RunConfig, kwargs: dict) -> nn.Module:
     """Transformers fix their position embeddings to an input size, so give them the data's;
     CNNs take any size and refuse the keyword."""
+    kwargs = {**kwargs, **model_kwargs(cfg.model_args)}
     torch.manual_seed(cfg.seed)
     try:
         return timm.create_model(cfg.model, img_size=cfg.model_size, **kwargs)

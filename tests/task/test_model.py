@@ -120,3 +120,13 @@ def test_small_stem_keeps_pretrained_weights_centre_cropped(tmp_path):
 def test_small_stem_is_refused_where_it_is_not_defined():
     with pytest.raises(ConfigError, match="stem=small is defined for timm's ResNet"):
         create_backbone(RunConfig.from_mapping({"model": "vit_pico_patch4_28", "stem": "small"}), task_info("breastmnist"))
+
+
+def test_model_args_reach_timm_and_bad_ones_are_refused():
+    """model-args=zero_init_last=false: torchvision's ResNet init (timm zeroes each block's last BN γ)."""
+    info = task_info("breastmnist")
+    timm_init = create_backbone(RunConfig.from_mapping({"model": "resnet18"}), info)
+    tv_init = create_backbone(RunConfig.from_mapping({"model": "resnet18", "model-args": "zero_init_last=false"}), info)
+    assert not timm_init.layer1[0].bn2.weight.any() and tv_init.layer1[0].bn2.weight.eq(1).all()
+    with pytest.raises(ConfigError, match="'model-args': must be comma-separated key=value"):
+        RunConfig.from_mapping({"model-args": "zero_init_last"})
