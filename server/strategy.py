@@ -177,8 +177,8 @@ class FedmeldStrategy(FedAvg):
         """One message per sampled node, each with the protocol's payload for that node."""
         if fraction == 0.0:
             return []
-        sample_size = max(int(len(list(grid.get_node_ids())) * fraction), min_nodes)
-        _, available = sample_nodes(grid, self.min_available_nodes, sample_size)  # waits for enough nodes
+        _, available = sample_nodes(grid, self.min_available_nodes, min_nodes)  # waits for enough nodes
+        sample_size = max(int(len(available) * fraction), min_nodes)  # of the nodes there after the wait
         # Flower samples node ids with the unseeded `random`, and node ids change from run to run:
         # sample partitions, seeded, so that the same seed samples the same clients in any runtime
         self._learn_partitions(grid, available)
