@@ -48,7 +48,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """The global model (with this client's own local-params) on its local validation split."""
     cfg = run_config(msg, context)
     shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
-    return PROTOCOLS[cfg.protocol].evaluate(msg, context, cfg, shard.val)
+    reply = PROTOCOLS[cfg.protocol].evaluate(msg, context, cfg, shard.val)
+    reply.content["metrics"]["partition-id"] = _partition_id(context)  # the server averages in this order
+    return reply
 
 
 @app.query()

@@ -263,7 +263,7 @@ class FedmeldStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side validation metrics, weighted; errors, malformed replies and clients without a
         validation split are skipped."""
-        good = [m for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        good = sorted((m for m in replies if not m.has_error() and "metrics" in m.content.metric_records), key=_order)
         stats = self.round_stats[server_round]
         stats.update(self.protocol.observe_evaluation(good))
         scored = [m.content for m in good if m.content["metrics"].get(WEIGHT_KEY, 0) > 0
