@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeld.server.backbone_merge import BackboneMergeProtocol
+from fedmeld.server.checkpoint import Checkpoint
 from fedmeld.server.delta import DeltaProtocol
 from fedmeld.server.evaluation import CentralEvaluation
 from fedmeld.server.strategy import FedmeldStrategy
@@ -33,20 +34,35 @@ def main(grid: Grid, context: Context) -> None:
 def federate(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round; return the run directory. The run config travels in every instruction,
     so each client trains exactly the model this server aggregates."""
-    central = CentralEvaluation.start(cfg)
+    checkpoint = Checkpoint.load(Path(cfg.resume).expanduser()) if cfg.resume else None
+    if checkpoint is not None:
+        checkpoint.check(cfg)
+    done = checkpoint.round if checkpoint else 0  # rounds completed before this process
+    central = CentralEvaluation.start(cfg, checkpoint)
     kind = PROTOCOLS[cfg.protocol]
     model = kind.build_model(cfg, central.info).to(central.device)
     protocol = kind.for_run(cfg, model)
+    if checkpoint is not None:
+        protocol.restore(checkpoint.parts["global"], checkpoint.parts["protocol"], checkpoint.protocol_meta)
     strategy = FedmeldStrategy(protocol, min_replies=min(cfg.min_clients, cfg.num_clients), seed=cfg.seed,
-                               fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_train,
-                               min_train_nodes=1, min_evaluate_nodes=1,
+                               round_offset=done, fraction_train=cfg.fraction_train,
+                               fraction_evaluate=cfg.fraction_train, min_train_nodes=1, min_evaluate_nodes=1,
                                min_available_nodes=min(cfg.min_clients, cfg.num_clients))
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round += done
+        if done and server_round == done:  # Flower's round 0 of a resumed run: evaluated before the stop
+            return MetricRecord()
         protocol.load_into(model)
-        return central(model, server_round, strategy.round_stats.get(server_round, {}), protocol.global_state())
+        metrics = central(model, server_round, strategy.round_stats.get(server_round, {}), protocol.global_state())
+        if server_round:
+            extra, meta = protocol.extra_state()
+            Checkpoint(server_round, cfg.to_flower(), central.recorder.initial, meta,
+                       {"global": protocol.global_state(), "protocol": extra,
+                        "selected": central.selected}).save(central.recorder.run_dir)
+        return metrics
 
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+    strategy.start(grid, ArrayRecord(), num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
                    evaluate_fn=central_evaluate)
     last = protocol.export_state(model)

@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Message
 from torch import nn
 
 from fedmeld.server.strategy import Protocol, Reply, State
-from fedmeld.task.backbone_merge import (VERSION_KEY, BackboneMergeServer, base_state, build_merge_model, checksum,
+from fedmeld.task.backbone_merge import (VERSION_KEY, Backbone, BackboneMergeServer, base_state, build_merge_model, checksum,
                                          dense_rule, dense_state, global_dense, load)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import TaskInfo
@@ -73,6 +73,24 @@ class BackboneMergeProtocol(Protocol):
             load(model, self.server.backbone.base, self.server.dense)
         else:
             load(model, {k[5:]: v for k, v in state.items() if k.startswith("base/")}, global_dense(state))
+
+    def extra_state(self) -> tuple[State, dict]:
+        return {}, {"version": self.server.version}
+
+    def restore(self, global_state: State, extra: State, meta: dict) -> None:
+        """The backbone at the checkpoint's version. Neither the update history nor the nodes'
+        versions are kept (a node may have restarted too), so every node catches up with the whole
+        backbone once."""
+        self.server.backbone = Backbone({k[5:]: v for k, v in global_state.items() if k.startswith("base/")},
+                                        int(meta["version"]))
+        self.server.dense = global_dense(global_state)
+        self.server.updates = {}
+        self.node_versions = {}
+
+    def node_failed(self, node_id: int) -> None:
+        """A node whose reply failed may not hold the version it last reported (it may have restarted):
+        send it everything it could need next time."""
+        self.node_versions.pop(node_id, None)
 
     def global_state(self) -> State:
         return {f"base/{k}": v for k, v in self.server.backbone.base.items()} | \

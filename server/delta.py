@@ -61,3 +61,17 @@ class DeltaProtocol(Protocol):
 
     def global_state(self) -> State:
         return self.state
+
+    def extra_state(self) -> tuple[State, dict]:
+        """The server optimizer's moments (FedAvgM, FedAdam, FedYogi)."""
+        return {f"{name}/{key}": t for name, moments in self.server_opt.state.items()
+                for key, t in moments.items()}, {}
+
+    def restore(self, global_state: State, extra: State, meta: dict) -> None:
+        if global_state.keys() != self.state.keys():
+            raise ValueError("the checkpoint's adapter tensors differ from this run's")
+        self.state = {k: global_state[k] for k in self.state}
+        self.server_opt.state = {}
+        for key, t in extra.items():
+            name, moment = key.rsplit("/", 1)
+            self.server_opt.state.setdefault(name, {})[moment] = t

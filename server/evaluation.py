@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from flwr.app import MetricRecord
 
+from fedmeld.server.checkpoint import Checkpoint
 from fedmeld.server.report import RunRecorder, default_run_name, make_run_dir, select_round
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo, load_split, task_info
@@ -38,12 +39,17 @@ class CentralEvaluation:
     selected: State = field(default_factory=dict)  # the global state of the selected round so far
 
     @classmethod
-    def start(cls, cfg: RunConfig) -> CentralEvaluation:
-        """A new run directory and the splits the server evaluates on."""
-        recorder = RunRecorder(make_run_dir(cfg.out, cfg.run_name or default_run_name(cfg)))
+    def start(cls, cfg: RunConfig, checkpoint: Checkpoint | None = None) -> CentralEvaluation:
+        """A new run directory (or, resuming, the checkpoint's, with its rounds so far) and the splits
+        the server evaluates on."""
+        if checkpoint is None:
+            recorder = RunRecorder(make_run_dir(cfg.out, cfg.run_name or default_run_name(cfg)))
+        else:
+            recorder = RunRecorder(Path(cfg.resume).expanduser().resolve())
+            recorder.resume(checkpoint.round, checkpoint.initial)
         split = {s: load_split(cfg.dataset, s, cfg.image_size, cfg.data_root) for s in ("train", "val", "test")}
         return cls(cfg, recorder, task_info(cfg.dataset), pick_device(cfg.device), split["val"], split["test"],
-                   split["train"].labels)
+                   split["train"].labels, checkpoint.parts["selected"] if checkpoint else {})
 
     def __call__(self, model: torch.nn.Module, server_round: int, round_stats: dict,
                  global_state: State) -> MetricRecord:

@@ -66,7 +66,7 @@ def hardware() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -81,6 +81,17 @@ class RunRecorder:
         self.selected_round: int | None = None  # set by finish
         self.initial: dict[str, float] = {}  # the global model's test metrics before round 1
         self.started = time.perf_counter()
+
+    def resume(self, server_round: int, initial: dict[str, float]) -> None:
+        """Continue a run after ``server_round``: its rounds so far from metrics.jsonl (rows a killed
+        run wrote past its checkpoint are dropped, the file rewritten atomically)."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        self.rounds = [r for r in rows if r["round"] <= server_round]
+        if [r["round"] for r in self.rounds] != list(range(1, server_round + 1)):
+            raise ValueError(f"{path} does not hold rounds 1..{server_round} of the checkpoint")
+        atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.rounds)))
+        self.initial = dict(initial)
 
     def log_evaluation(self, server_round: int, metrics: dict[str, float], stats: dict[str, float],
                        num_rounds: int) -> None:
@@ -104,14 +115,14 @@ class RunRecorder:
 
     def checkpoint(self, state: dict[str, torch.Tensor], server_round: int, name: str = "adapter.safetensors") -> None:
         tensors = {k: v.contiguous() for k, v in state.items()}
-        _atomic_write(self.run_dir / name, lambda p: save_file(tensors, str(p), metadata={"round": str(server_round)}))
+        atomic_write(self.run_dir / name, lambda p: save_file(tensors, str(p), metadata={"round": str(server_round)}))
 
     def export_model(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
                      name: str = "model_merged.safetensors") -> Path:
         """The merged model as safetensors that `timm.create_model(...).load_state_dict` takes."""
         path = self.run_dir / name
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
         return path
 
     def finish(self, cfg: RunConfig, model: torch.nn.Module, test_labels: torch.Tensor,
@@ -146,7 +157,7 @@ class RunRecorder:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         summary = {**summary, "wall_seconds": time.perf_counter() - self.started}
-        _atomic_write(self.run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        atomic_write(self.run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
         self.plot()
 
     def plot(self) -> None:
@@ -172,5 +183,5 @@ class RunRecorder:
         ax2.set(xlabel="round", ylabel="loss", title="Mean client train loss")
         ax2.grid(alpha=0.3)
         fig.tight_layout()
-        _atomic_write(self.run_dir / "curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        atomic_write(self.run_dir / "curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
         plt.close(fig)

@@ -100,6 +100,17 @@ class Protocol(ABC):
     def global_state(self) -> State:
         """What a checkpoint holds: everything that defines the global model."""
 
+    def extra_state(self) -> tuple[State, dict]:
+        """What else a resumed run needs (tensors such as server-optimizer moments, JSON bookkeeping)."""
+        return {}, {}
+
+    @abstractmethod
+    def restore(self, global_state: State, extra: State, meta: dict) -> None:
+        """Continue from a checkpoint's ``global_state()`` and ``extra_state()``."""
+
+    def node_failed(self, node_id: int) -> None:
+        """A node's train reply was unusable (error, rejected, missing)."""
+
     def export_state(self, model: nn.Module, state: State | None = None) -> State:
         """The global model (as ``load_into`` takes it) as a plain timm state dict, copied out."""
         self.load_into(model, state)
@@ -163,9 +174,11 @@ def client_speed(metrics: list[MetricRecord]) -> dict[str, float]:
 class FedmeldStrategy(FedAvg):
     """FedAvg's sampling and messaging around a ``Protocol``, with bad replies dropped."""
 
-    def __init__(self, protocol: Protocol, min_replies: int = 1, seed: int = 0, **kwargs) -> None:
+    def __init__(self, protocol: Protocol, min_replies: int = 1, seed: int = 0, round_offset: int = 0,
+                 **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.protocol = protocol
+        self.round_offset = round_offset  # a resumed run: Flower counts from 1 again, we continue
         self.seed = seed  # client sampling
         self.min_replies = min_replies  # fewer good train replies: the round is recorded, not applied
         self.round_stats: dict[int, dict] = {}  # what metrics.jsonl records per round
@@ -217,6 +230,7 @@ class FedmeldStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = self._messages(server_round, config, grid, self.fraction_train, self.min_train_nodes,
                                   MessageType.TRAIN)
         self.round_stats[server_round].update(num_sampled=len(messages), num_clients_failed=len(messages))
@@ -225,11 +239,13 @@ class FedmeldStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         return self._messages(server_round, config, grid, self.fraction_evaluate, self.min_evaluate_nodes,
                               MessageType.EVALUATE)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         good: list[tuple[Message, Reply]] = []
         failed: dict[int, str] = {}  # node -> why its reply is not used
         answered = set()
@@ -247,6 +263,8 @@ class FedmeldStrategy(FedAvg):
         stats["num_clients_ok"] = len(good)
         stats["num_clients_failed"] = stats["num_sampled"] - len(good)  # errors, rejects and timeouts
         stats["failed_nodes"] = [[node, why] for node, why in sorted(failed.items())]
+        for node in failed:
+            self.protocol.node_failed(node)
         stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _ in good)
         good.sort(key=lambda pair: _order(pair[0]))  # aggregate in a fixed order: float sums depend on it
         if len(good) < self.min_replies:
@@ -263,6 +281,7 @@ class FedmeldStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Client-side validation metrics, weighted; errors, malformed replies and clients without a
         validation split are skipped."""
+        server_round += self.round_offset
         good = sorted((m for m in replies if not m.has_error() and "metrics" in m.content.metric_records), key=_order)
         stats = self.round_stats[server_round]
         stats.update(self.protocol.observe_evaluation(good))

@@ -49,6 +49,18 @@ def load_config(config_file: str | None, pairs: list[str]) -> RunConfig:
                                    "run-name": run_name})
 
 
+def resume_config(run_dir: Path, pairs: list[str]) -> RunConfig:
+    """The config of the interrupted run in ``run_dir``, to continue it (checked before anything starts)."""
+    from fedmeld.server.checkpoint import Checkpoint
+
+    run_dir = run_dir.expanduser().resolve()
+    checkpoint = Checkpoint.load(run_dir)
+    cfg = RunConfig.from_mapping({**checkpoint.config, **parse_overrides(pairs), "resume": str(run_dir),
+                                  "out": str(run_dir.parent), "run-name": run_dir.name})
+    checkpoint.check(cfg)
+    return cfg
+
+
 def simulate(cfg: RunConfig, backend: str = "ray") -> Path:
     """Run the apps under Flower's simulation runtime (``ray``) or the in-process Grid; return the
     run directory."""
@@ -60,7 +72,8 @@ def simulate(cfg: RunConfig, backend: str = "ray") -> Path:
     from fedmeld.client.app import app as client_app
     from fedmeld.server.app import federate
 
-    run_dir = run_dir_path(cfg.out, cfg.run_name)  # refuse a used directory before starting anything
+    # refuse a used directory before starting anything (unless continuing it)
+    run_dir = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir_path(cfg.out, cfg.run_name)
     if backend == "inprocess":
         return _simulate_inprocess(cfg)
 
@@ -103,12 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a flat table of run-config keys")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed "
+                                                            "round, with its config (key=value may set only "
+                                                            "data-root and device)")
     parser.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
                         help="ray: Flower's simulation runtime (default); inprocess: every client in this "
                              "process, one after another, no Ray (GPU boxes without Ray, quick runs)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resume_config(Path(args.resume), args.overrides) if args.resume else load_config(args.config,
+                                                                                                args.overrides)
     except (ConfigError, OSError, tomllib.TOMLDecodeError) as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -183,10 +183,14 @@ class BackboneMergeServer:
     def payload(self, node_version: int) -> tuple[State, int]:
         """What a node at ``node_version`` needs for the current version, and the catch-up bytes
         (anything beyond the latest update)."""
-        missed = {k: v for n in range(node_version + 1, self.version + 1) for k, v in self.updates[n].items()}
-        latest = self.updates.get(self.version, {}) if node_version < self.version else {}
+        needed = range(node_version + 1, self.version + 1)
         base = {f"base/{k}": v for k, v in self.backbone.base.items()}
-        sync_part = base if nbytes(missed) > nbytes(base) else missed
+        if all(n in self.updates for n in needed):
+            missed = {k: v for n in needed for k, v in self.updates[n].items()}
+            sync_part = base if nbytes(missed) > nbytes(base) else missed
+        else:  # history not kept (a resumed server): the backbone itself
+            sync_part = base
+        latest = self.updates.get(self.version, {}) if node_version < self.version else {}
         state = sync_part | {f"dense/{k}": v for k, v in self.dense.items()}
         return state, nbytes(sync_part) - nbytes(latest)
 

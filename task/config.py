@@ -218,6 +218,9 @@ class RunConfig:
                               "server evaluates val and test every round; summary.json gives the last and the "
                               "selected round's test metrics).", ("val_auc", "val_accuracy", "val_loss"))
     out: str = _key('runs', "Directory under which the run directory is created (use an absolute path with flwr run).")
+    resume: str = _key("", "Run directory of an interrupted run to continue after its last completed round "
+                       "(fedmeld run --resume DIR sets it; in a deployment, an absolute path). Its checkpoint's "
+                       "config must match this one.")
     run_name: str = _key('', "Name of the run directory under `out`; empty: <date>-<time>-<dataset>-<peft>. "
                          "An existing non-empty directory is refused, never overwritten.")
 
