@@ -12,6 +12,7 @@ from typing import Any
 from .registry import ADAPTERS
 
 BN_STATS = ("aggregate", "frozen")
+MERGE_MODES = ("resetless", "reinit")  # LTE's merge steps, peft/lte.py
 
 
 @dataclass
@@ -84,8 +85,8 @@ class PeftConfig:
             raise ValueError(
                 f"PeftConfig.target_modules must be None or a non-empty list of str, got {self.target_modules!r}"
             )
-        if self.lte_merge_mode not in ("resetless", "reinit"):
-            raise ValueError(f"PeftConfig.lte_merge_mode={self.lte_merge_mode!r}; valid choices: resetless, reinit")
+        if self.lte_merge_mode not in MERGE_MODES:
+            raise ValueError(f"PeftConfig.lte_merge_mode={self.lte_merge_mode!r}; valid choices: {list(MERGE_MODES)}")
         if self.bn_stats not in BN_STATS:
             raise ValueError(f"PeftConfig.bn_stats={self.bn_stats!r}; valid choices: {list(BN_STATS)}")
 

@@ -36,11 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .classifier import classifier_names, in_classifier
-from .config import PeftConfig
+from .config import MERGE_MODES, PeftConfig
 from .lora import matches, unsupported_reason
 from .registry import register_adapter
 
-MERGE_MODES = ("resetless", "reinit")
 Factors = tuple[Tensor, Tensor]  # (B (out, R), A (R, *in)) with B @ A.flatten(1) shaped like weight.flatten(1)
 
 

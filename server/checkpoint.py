@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fedmeld.server.report import atomic_write
@@ -54,8 +54,8 @@ class Checkpoint:
                               f"run stopped before its first round ended; start it afresh with resume=\"\"")
         try:
             tensors = load_file(str(path))
-            with open(path, "rb") as f:  # the metadata (safetensors' header)
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata()
             meta = {"round": int(header["round"]), "config": json.loads(header["config"]),
                     "initial": json.loads(header["initial"]), "protocol": json.loads(header["protocol"])}
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:

@@ -22,9 +22,8 @@ from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo, load_split, task_info
 from fedmeld.task.engine import Inputs, evaluate, pick_device
 from fedmeld.task.schedule import lr_at
-from fedmeld.task.wire import nbytes
+from fedmeld.task.wire import State, nbytes, snapshot
 
-State = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -54,8 +53,9 @@ class CentralEvaluation:
     def __call__(self, model: torch.nn.Module, server_round: int, round_stats: dict,
                  global_state: State) -> MetricRecord:
         """Validation and test metrics of ``model`` as it stands after ``server_round`` (0: before
-        training), recorded; ``global_state`` (what produced ``model``) is kept, and checkpointed as
-        ``selected.safetensors``, when the validation metric selects this round."""
+        training), recorded; ``global_state`` (what produced ``model``) is kept when the validation
+        metric selects this round (it goes into the round's checkpoint, and is written as
+        ``selected.safetensors`` at the end)."""
         metrics = {}
         for name, split in (("val", self.val), ("test", self.test)):
             result = evaluate(model, split, self.info, device=self.device, inputs=Inputs.of(self.cfg),
@@ -63,23 +63,25 @@ class CentralEvaluation:
             metrics |= {f"{name}_loss": result.loss, f"{name}_accuracy": result.accuracy, f"{name}_auc": result.auc}
         extra = {"lr": lr_at(self.cfg, server_round)} if server_round else {}
         self.recorder.log_evaluation(server_round, metrics, {**round_stats, **extra}, self.cfg.num_server_rounds)
-        if server_round:
-            self.recorder.checkpoint(global_state, server_round)
-            if select_round(self.recorder.rounds, self.cfg.select_metric)["round"] == server_round:
-                self.selected = {k: v.detach().cpu().clone() for k, v in global_state.items()}
-                self.recorder.checkpoint(self.selected, server_round, name="selected.safetensors")
+        if server_round and select_round(self.recorder.rounds, self.cfg.select_metric)["round"] == server_round:
+            self.selected = snapshot(global_state)
         return MetricRecord(metrics)
 
     def finish(self, model: torch.nn.Module, plain_state: State, global_state: State,
                selected_plain_state: State | None = None) -> Path:
-        """Export ``plain_state`` (the last round; loads into plain timm) and the selected round's,
-        and write summary.json with the sizes every protocol reports; return the run directory."""
+        """Save the last round's ``global_state`` (adapter.safetensors) and the selected round's;
+        export ``plain_state`` (the last round; loads into plain timm) and the selected round's; write
+        summary.json with the sizes every protocol reports; return the run directory."""
+        rounds = self.recorder.rounds
+        self.recorder.save_state(global_state, rounds[-1]["round"] if rounds else 0)
+        if self.selected:
+            self.recorder.save_state(self.selected, select_round(rounds, self.cfg.select_metric)["round"],
+                                     name="selected.safetensors")
         metadata = {"timm_model": self.cfg.model, "num_classes": str(self.info.num_classes),
                     "in_chans": str(self.info.in_chans), "image_size": str(self.cfg.model_size)}
         export = self.recorder.export_model(plain_state, metadata)
         if selected_plain_state is not None:
             self.recorder.export_model(selected_plain_state, metadata, name="model_selected.safetensors")
-        rounds = self.recorder.rounds
         self.recorder.finish(
             self.cfg, model, self.test.labels, self.train_labels, export,
             global_state_bytes=nbytes(global_state), full_model_bytes=nbytes(plain_state),

@@ -73,7 +73,7 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 class RunRecorder:
-    """Appends one JSON line per round and keeps the latest global adapter state on disk."""
+    """Appends one JSON line per round and writes the run's files (states, exports, summary, plot)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -113,7 +113,8 @@ class RunRecorder:
               f" | up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB"
               f" | {record['round_seconds']:.1f} s", flush=True)
 
-    def checkpoint(self, state: dict[str, torch.Tensor], server_round: int, name: str = "adapter.safetensors") -> None:
+    def save_state(self, state: dict[str, torch.Tensor], server_round: int, name: str = "adapter.safetensors") -> None:
+        """A global state (of ``server_round``) as safetensors."""
         tensors = {k: v.contiguous() for k, v in state.items()}
         atomic_write(self.run_dir / name, lambda p: save_file(tensors, str(p), metadata={"round": str(server_round)}))
 

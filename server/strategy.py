@@ -28,10 +28,9 @@ from torch import nn
 from fedmeld.peft import merged_state_dict
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import TaskInfo
-from fedmeld.task.wire import pack, payload_bytes, unpack
+from fedmeld.task.wire import State, pack, payload_bytes, snapshot, unpack
 
 log = logging.getLogger(__name__)
-State = dict[str, torch.Tensor]
 WEIGHT_KEY = "num-examples"
 # What metrics.jsonl records for every round, whatever the protocol (NaN where a round has no value).
 ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "failed_nodes", "applied", "bytes_down",
@@ -114,7 +113,7 @@ class Protocol(ABC):
     def export_state(self, model: nn.Module, state: State | None = None) -> State:
         """The global model (as ``load_into`` takes it) as a plain timm state dict, copied out."""
         self.load_into(model, state)
-        return {k: v.detach().cpu().clone() for k, v in merged_state_dict(model).items()}
+        return snapshot(merged_state_dict(model))
 
 
 def parse_reply(msg: Message, protocol: Protocol) -> Reply:

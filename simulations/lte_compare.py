@@ -39,8 +39,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedmeld.task.config import ConfigError, RunConfig
-from fedmeld.simulations.run import load_config, parse_overrides, simulate
+from fedmeld.task.config import ConfigError, RunConfig, parse_pairs
+from fedmeld.simulations.run import load_config, simulate
 
 METHODS = ("full", "lora", "lte", "fed-lte")
 LORA_TARGETS = "patch_embed.proj,attn.qkv,attn.proj,mlp.fc1,mlp.fc2"  # what LTE wraps in a timm ViT
@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if not methods or set(methods) - set(METHODS):
         parser.error(f"--methods must be a subset of {', '.join(METHODS)}")
     try:
-        common = parse_overrides(args.common_set)
-        per_method = {m: parse_overrides(getattr(args, f"set_{m.replace('-', '_')}")) for m in METHODS}
+        common = parse_pairs(args.common_set)
+        per_method = {m: parse_pairs(getattr(args, f"set_{m.replace('-', '_')}")) for m in METHODS}
     except ConfigError as err:
         parser.error(str(err))
     data_root = args.data_root or os.environ.get("MEDMNIST_ROOT") or (

@@ -15,25 +15,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedmeld.task.config import ConfigError, RunConfig, describe
+from fedmeld.task.config import ConfigError, RunConfig, describe, parse_pairs
 from fedmeld.server.report import default_run_name, run_dir_path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` with TOML values (``lr=0.01``, ``pretrained=true``); bare words are strings."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"expected key=value, got {pair!r}")
-        try:
-            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key.strip()] = raw
-    return overrides
 
 
 def load_config(config_file: str | None, pairs: list[str]) -> RunConfig:
@@ -42,7 +28,7 @@ def load_config(config_file: str | None, pairs: list[str]) -> RunConfig:
     if config_file:
         with open(config_file, "rb") as f:
             overrides.update(tomllib.load(f))
-    overrides.update(parse_overrides(pairs))
+    overrides.update(parse_pairs(pairs))
     cfg = RunConfig.from_mapping(overrides)
     run_name = cfg.run_name or default_run_name(cfg)
     return RunConfig.from_mapping({**cfg.to_flower(), "out": str(Path(cfg.out).expanduser().resolve()),
@@ -55,7 +41,7 @@ def resume_config(run_dir: Path, pairs: list[str]) -> RunConfig:
 
     run_dir = run_dir.expanduser().resolve()
     checkpoint = Checkpoint.load(run_dir)
-    cfg = RunConfig.from_mapping({**checkpoint.config, **parse_overrides(pairs), "resume": str(run_dir),
+    cfg = RunConfig.from_mapping({**checkpoint.config, **parse_pairs(pairs), "resume": str(run_dir),
                                   "out": str(run_dir.parent), "run-name": run_dir.name})
     checkpoint.check(cfg)
     return cfg

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fedmeld.task.config import ConfigError, RunConfig
+from fedmeld.task.config import ConfigError, RunConfig, parse_pairs
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "selected_round", "selected_test_accuracy",
@@ -243,11 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.grid) if args.grid else PRESETS / f"{args.preset}.toml"
     if not path.is_file():
         parser.error(f"no grid file {path}")
-    from fedmeld.simulations.run import parse_overrides
-
     grid = tomllib.loads(path.read_text())
     try:
-        grid["base"] = {**grid.get("base", {}), **parse_overrides(args.set)}
+        grid["base"] = {**grid.get("base", {}), **parse_pairs(args.set)}
         out = Path(args.out or f"runs/sweep-{path.stem}").resolve()
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")

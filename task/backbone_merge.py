@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fedmeld.peft import ADAPTERS, apply_peft, default_target_modules
 from fedmeld.peft.lte import inject_lte, lte_layers, dense_names, reset_lte
@@ -49,9 +49,8 @@ from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo
 from fedmeld.task.lte import train_lte
 from fedmeld.task.model import build_model, create_backbone, peft_config
-from fedmeld.task.wire import nbytes
+from fedmeld.task.wire import State, nbytes, snapshot
 
-State = dict[str, Tensor]
 VERSION_KEY = "backbone-version"  # reply metric: the backbone version the client is at
 
 
@@ -78,10 +77,6 @@ def dense_state(model: nn.Module) -> State:
     """Everything else that trains (plus BatchNorm statistics): small, shipped whole."""
     params = dict(model.named_parameters())
     return {name: params[name] for name in dense_names(model)} | bn_stats(model)
-
-
-def snapshot(state: State) -> State:
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 @torch.no_grad()

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedmeld.peft import ADAPTERS, PeftConfig
+from fedmeld.peft.config import MERGE_MODES
 from fedmeld.task.aggregators import AGGREGATORS, Aggregator
 from fedmeld.task.plugins import load_plugins
 
+RESIZE_MODES = ("nearest", "bilinear", "bicubic")  # choices the engine's Inputs takes, too
+AUGMENTS = ("none", "flip", "light")
+PRECISIONS = ("bf16", "fp32")
 MEDMNIST_2D = (
     "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
@@ -29,18 +33,27 @@ class ConfigError(ValueError):
     """A run-config key or value that cannot be used; the message says how to fix it."""
 
 
-def model_kwargs(value: str) -> dict[str, Any] | None:
-    """``model-args`` as keyword arguments (TOML values, bare words as strings); None if malformed."""
-    kwargs: dict[str, Any] = {}
-    for pair in filter(None, (p.strip() for p in value.split(","))):
+def parse_pairs(pairs: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` with TOML values (``lr=0.01``, ``pretrained=true``); bare words are strings."""
+    parsed = {}
+    for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip().isidentifier():
-            return None
+        if not sep or not key.strip():
+            raise ConfigError(f"expected key=value, got {pair!r}")
         try:
-            kwargs[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+            parsed[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            kwargs[key.strip()] = raw.strip()
-    return kwargs
+            parsed[key.strip()] = raw.strip()
+    return parsed
+
+
+def model_kwargs(value: str) -> dict[str, Any] | None:
+    """``model-args`` (comma-separated ``key=value``) as keyword arguments; None if malformed."""
+    try:
+        kwargs = parse_pairs(p for p in value.split(",") if p.strip())
+    except ConfigError:
+        return None
+    return kwargs if all(k.isidentifier() for k in kwargs) else None
 
 
 def _valid_ints(value: str, low: int) -> bool:
@@ -116,10 +129,10 @@ class RunConfig:
                            "image-size (e.g. 32 for ConvNeXt on 28 px files). 0: image-size.",
                            check=_non_negative[0], rule=_non_negative[1])
     resize: str = _key("bilinear", "How images are resized to input-size on the device (MedMNIST v2's (224) rows "
-                       "upsample 28 px with nearest).", ("nearest", "bilinear", "bicubic"))
+                       "upsample 28 px with nearest).", RESIZE_MODES)
     augment: str = _key("none", "Training augmentation on the device, seeded per client and round: none, flip "
                         "(horizontal), light (flip, rotation within 10 degrees, shift within 1/8).",
-                        ("none", "flip", "light"))
+                        AUGMENTS)
     stem: str = _key("default", "CNN stem: default (timm's), or small for small inputs (ResNet: 3x3 stride-1 conv, "
                      "no max-pool, as MedMNIST v2's (28) rows; ConvNeXt: 2x2 stride-2 patchify; EfficientNet: "
                      "stride-1 stem). Pretrained stems are kept where the shape allows, else centre-cropped.",
@@ -132,7 +145,7 @@ class RunConfig:
                            check=lambda v: model_kwargs(v) is not None, rule="must be comma-separated key=value "
                            "with TOML values, e.g. zero_init_last=false,drop_rate=0.1")
     precision: str = _key("bf16", "Compute precision on CUDA: bf16 (autocast) or fp32 (MedMNIST v2's). The CPU "
-                          "always computes in fp32.", ("bf16", "fp32"))
+                          "always computes in fp32.", PRECISIONS)
     pretrained: bool = _key(False, "Load pretrained weights: from `weights` if set, else timm's hub/HF cache "
                             "(set HF_HUB_OFFLINE=1 to use only the cache).")
     weights: str = _key('', "Local weights file (.safetensors/.pth/.bin) for the backbone; implies pretrained. "
@@ -179,7 +192,7 @@ class RunConfig:
                                 check=_positive[0], rule=_positive[1])
     lte_merge_mode: str = _key('resetless', "LTE merge rule: resetless (the base takes the mean change of s·B·A, factors "
                                "kept) or reinit (merge the mean s·B·A, then re-initialise the heads, ReLoRA-style).",
-                               ("resetless", "reinit"))
+                               MERGE_MODES)
     bn_stats: str = _key('aggregate', "BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
                          ("aggregate", "frozen"))
     aggregation: str = _key("fedavg", _aggregation_help, lambda: tuple(sorted(AGGREGATORS)))

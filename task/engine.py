@@ -21,12 +21,9 @@ import torch.nn.functional as F
 from medmnist.evaluator import getACC, getAUC
 from torch import nn
 
-from fedmeld.task.config import RunConfig
+from fedmeld.task.config import AUGMENTS, PRECISIONS, RESIZE_MODES, RunConfig
 from fedmeld.task.data import Split, TaskInfo
 
-RESIZE_MODES = ("nearest", "bilinear", "bicubic")
-AUGMENTS = ("none", "flip", "light")
-PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass

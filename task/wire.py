@@ -28,6 +28,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
+State = dict[str, Tensor]  # a state dict: what every message, checkpoint and aggregation rule moves
+
 KEY = "packed"
 STYPE = "fedmeld.wire.v1"
 MAGIC = b"FMW1"
@@ -95,6 +97,11 @@ def unpack(record: ArrayRecord) -> dict[str, Tensor]:
             raise WireError(f"packed record has an inconsistent header: {name} at byte {offset} does not fit")
         state[name] = flat[offset:offset + size].view(dtype).view(shape)
     return state
+
+
+def snapshot(state: Mapping[str, Tensor]) -> State:
+    """A detached CPU copy that later in-place updates of the model cannot change."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def nbytes(state: Mapping[str, Tensor]) -> int:

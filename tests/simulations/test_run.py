@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from fedmeld.peft import load_adapter_state
 from fedmeld.server.report import ROUND_KEYS
-from fedmeld.simulations.run import load_config, parse_overrides, simulate
+from fedmeld.simulations.run import load_config, simulate
+from fedmeld.task.config import parse_pairs
 from fedmeld.task.backbone_merge import base_state, build_merge_model, dense_state
 from fedmeld.task.data import load_split, task_info
 from fedmeld.task.engine import Inputs
@@ -22,7 +23,7 @@ from fedmeld.task.wire import nbytes
 
 
 def test_cli_overrides_parse_as_toml(tmp_path):
-    assert parse_overrides(["lr=0.01", "pretrained=true", "dataset=retinamnist", 'model="vit_tiny_patch16_224"']) == {
+    assert parse_pairs(["lr=0.01", "pretrained=true", "dataset=retinamnist", 'model="vit_tiny_patch16_224"']) == {
         "lr": 0.01, "pretrained": True, "dataset": "retinamnist", "model": "vit_tiny_patch16_224"}
     (tmp_path / "c.toml").write_text('num-clients = 3\npeft = "norm"\n')
     cfg = load_config(str(tmp_path / "c.toml"), ["peft=head"])
