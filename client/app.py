@@ -55,9 +55,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query_handler(msg: Message, context: Context) -> Message:
-    """Which shard this node holds. Node ids differ from run to run (simulation and deployment draw
-    them), partitions do not: the server samples and orders clients by partition."""
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+    """Which shard this node holds, of how many. Node ids differ from run to run (simulation and
+    deployment draw them), partitions do not: the server samples and orders clients by partition,
+    and refuses a federation whose partition count is not its num-clients."""
+    held = {"partition-id": _partition_id(context), "num-partitions": _num_partitions(context)}
+    return Message(RecordDict({"metrics": MetricRecord(held)}), reply_to=msg)
 
 
 def run_config(msg: Message, context: Context) -> RunConfig:

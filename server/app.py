@@ -45,7 +45,7 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     if checkpoint is not None:
         protocol.restore(checkpoint.parts["global"], checkpoint.parts["protocol"], checkpoint.protocol_meta)
     strategy = FedmeldStrategy(protocol, min_replies=min(cfg.min_clients, cfg.num_clients), seed=cfg.seed,
-                               round_offset=done, fraction_train=cfg.fraction_train,
+                               round_offset=done, num_partitions=cfg.num_clients, fraction_train=cfg.fraction_train,
                                fraction_evaluate=cfg.fraction_train, min_train_nodes=1, min_evaluate_nodes=1,
                                min_available_nodes=min(cfg.min_clients, cfg.num_clients))
 

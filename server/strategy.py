@@ -26,14 +26,15 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from fedmeld.peft import merged_state_dict
-from fedmeld.task.config import RunConfig
+from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import TaskInfo
 from fedmeld.task.wire import State, pack, payload_bytes, snapshot, unpack
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
 # What metrics.jsonl records for every round, whatever the protocol (NaN where a round has no value).
-ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "failed_nodes", "applied", "bytes_down",
+ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "partitions_ok", "failed_nodes", "applied",
+               "bytes_down",
                "bytes_up", "catchup_bytes",
                "train_loss", "client_val_accuracy", "samples_seen", "slowest_client_train_seconds",
                "sum_client_train_seconds", "client_img_per_s", "client_peak_memory_mb", "backbone_checksum_rel_diff")
@@ -174,7 +175,7 @@ class FedmeldStrategy(FedAvg):
     """FedAvg's sampling and messaging around a ``Protocol``, with bad replies dropped."""
 
     def __init__(self, protocol: Protocol, min_replies: int = 1, seed: int = 0, round_offset: int = 0,
-                 **kwargs) -> None:
+                 num_partitions: int | None = None, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.protocol = protocol
         self.round_offset = round_offset  # a resumed run: Flower counts from 1 again, we continue
@@ -183,6 +184,7 @@ class FedmeldStrategy(FedAvg):
         self.round_stats: dict[int, dict] = {}  # what metrics.jsonl records per round
         self._sampled: dict[int, list[int]] = {}  # round -> nodes sent a train instruction
         self._partitions: dict[int, int] = {}  # node id -> partition id, as the node reported it
+        self.num_partitions = num_partitions  # what the run config says; nodes that disagree end the run
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, min_nodes: int,
                   message_type: str) -> list[Message]:
@@ -200,7 +202,8 @@ class FedmeldStrategy(FedAvg):
         config = ConfigRecord({**config, "server-round": server_round})
         stats = self.round_stats.setdefault(server_round, {
             "round_start": time.perf_counter(), **dict.fromkeys(ROUND_STATS, math.nan),
-            "num_sampled": 0, "num_clients_ok": 0, "num_clients_failed": 0, "failed_nodes": [], "applied": False,
+            "num_sampled": 0, "num_clients_ok": 0, "num_clients_failed": 0, "partitions_ok": [], "failed_nodes": [],
+            "applied": False,
             "bytes_down": 0, "bytes_up": 0, "catchup_bytes": 0, "samples_seen": 0})
         packed: tuple[int, ArrayRecord] | None = None  # a payload shared by every node is packed once
         messages = []
@@ -216,7 +219,9 @@ class FedmeldStrategy(FedAvg):
 
     def _learn_partitions(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes not seen before for their partition id (one query message each, all at once);
-        a node that cannot say counts as -1."""
+        a node that cannot say counts as -1. A node whose data is split into another number of
+        partitions than the run's ``num-clients`` ends the run: its shard is not the one the run
+        config describes (``flwr run .`` simulates 2 SuperNodes unless told otherwise)."""
         new = [n for n in nodes if n not in self._partitions]
         if not new:
             return
@@ -224,7 +229,16 @@ class FedmeldStrategy(FedAvg):
                                          for n in new], timeout=60)
         for reply in replies:
             if not reply.has_error() and "metrics" in reply.content.metric_records:
-                self._partitions[reply.metadata.src_node_id] = int(reply.content["metrics"].get("partition-id", -1))
+                metrics = reply.content["metrics"]
+                self._partitions[reply.metadata.src_node_id] = int(metrics.get("partition-id", -1))
+                split = int(metrics.get("num-partitions", -1))
+                if self.num_partitions is not None and split not in (-1, self.num_partitions):
+                    raise ConfigError(
+                        f"num-clients is {self.num_partitions} but SuperNode {reply.metadata.src_node_id} holds "
+                        f"partition {self._partitions[reply.metadata.src_node_id]} of {split}: start "
+                        f"{self.num_partitions} SuperNodes (flwr run . --federation-config "
+                        f"'num-supernodes={self.num_partitions}'; a deployment: --node-config "
+                        f"'partition-id=K num-partitions={self.num_partitions}'), or set num-clients={split}")
         self._partitions.update({n: -1 for n in new if n not in self._partitions})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -260,6 +274,7 @@ class FedmeldStrategy(FedAvg):
             log.warning("round %d: node %d sent no reply within round-timeout", server_round, node)
         stats = self.round_stats[server_round]
         stats["num_clients_ok"] = len(good)
+        stats["partitions_ok"] = sorted(int(r.metrics.get("partition-id", -1)) for _, r in good)
         stats["num_clients_failed"] = stats["num_sampled"] - len(good)  # errors, rejects and timeouts
         stats["failed_nodes"] = [[node, why] for node, why in sorted(failed.items())]
         for node in failed:
