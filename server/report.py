@@ -41,11 +41,16 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.dataset}-{cfg.peft.replace('+', '-')}"
 
 
+LOG_FILE = "flower.log"  # Flower's and Ray's log lines of a run (fedmeld run without --verbose)
+
+
 def run_dir_path(out: str, run_name: str) -> Path:
-    """Where a run writes; an existing non-empty directory is refused, never overwritten."""
+    """Where a run writes; a directory that holds anything but the run's own log is refused, never
+    overwritten."""
     path = Path(out).expanduser().resolve() / run_name
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"run directory {path} already holds files; choose another run-name or out")
+    if path.exists() and any(p.name != LOG_FILE for p in path.iterdir()):
+        raise FileExistsError(f"run directory {path} already holds files; choose another run-name=NAME or "
+                              f"out=DIR, or, if it was interrupted, continue it with fedmeld run --resume {path}")
     return path
 
 
@@ -78,7 +83,6 @@ class RunRecorder:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.rounds: list[dict[str, Any]] = []
-        self.selected_round: int | None = None  # set by finish
         self.initial: dict[str, float] = {}  # the global model's test metrics before round 1
         self.started = time.perf_counter()
 
@@ -128,61 +132,93 @@ class RunRecorder:
 
     def finish(self, cfg: RunConfig, model: torch.nn.Module, test_labels: torch.Tensor,
                train_labels: torch.Tensor, export: Path, **extra: Any) -> None:
-        """summary.json (the fields every run has, plus ``extra``) and the plot."""
+        """summary.json (the fields every run has, plus ``extra``), the plot, and the run's summary
+        on the console."""
         from fedmeld.peft import count_parameters
 
         majority = int(train_labels[:, 0].mode().values)
         trainable, total = count_parameters(model)
         last = self.rounds[-1] if self.rounds else {}
         selected = select_round(self.rounds, cfg.select_metric) if self.rounds else {}
-        self.selected_round = selected.get("round")
-        self.write_summary({
+        took_part = sorted({p for r in self.rounds for p in r.get("partitions_ok", [])})
+        privacy = {k: last[k] for k in ("dp_epsilon", "dp_delta") if k in last}
+        summary = {
             "final_test_accuracy": last.get("test_accuracy"), "final_test_auc": last.get("test_auc"),
             "select_metric": cfg.select_metric, "selected_round": selected.get("round"),
             f"selected_{cfg.select_metric}": selected.get(cfg.select_metric),
             "selected_test_accuracy": selected.get("test_accuracy"), "selected_test_auc": selected.get("test_auc"),
             "initial_test_accuracy": self.initial.get("test_accuracy"),
-            "initial_test_auc": self.initial.get("test_auc"),
+            "initial_test_auc": self.initial.get("test_auc"), "initial": self.initial,
             "majority_class_accuracy": float((test_labels[:, 0] == majority).float().mean()),
+            # what ran, not what was asked for: the partitions whose replies were aggregated
+            "num_clients_took_part": len(took_part), "partitions_took_part": took_part,
             "num_rounds": len(self.rounds), "trainable_params": trainable, "total_params": total,
             "bytes_up_total": sum(r["bytes_up"] for r in self.rounds),
-            "bytes_down_total": sum(r["bytes_down"] for r in self.rounds),
+            "bytes_down_total": sum(r["bytes_down"] for r in self.rounds), **privacy,
             **extra, "merged_model": export.name, "hardware": hardware(), "versions": versions(),
             "date": datetime.now().isoformat(timespec="seconds"), "config": cfg.to_flower(),
-        })
-        if selected:
-            print(f"[fedmeld] last round {last['round']}: test acc {last['test_accuracy']:.4f} auc "
-                  f"{last['test_auc']:.4f} | selected by {cfg.select_metric}: round {selected['round']}, test acc "
-                  f"{selected['test_accuracy']:.4f} auc {selected['test_auc']:.4f}", flush=True)
-        print(f"[fedmeld] run directory: {self.run_dir}", flush=True)
+        }
+        self.write_summary(summary)
+        print(console_summary({**summary, "wall_seconds": time.perf_counter() - self.started}, self.run_dir),
+              flush=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         summary = {**summary, "wall_seconds": time.perf_counter() - self.started}
         atomic_write(self.run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-        self.plot()
+        plot_curves(self.rounds, summary, self.run_dir / "curves.png")
 
-    def plot(self) -> None:
-        """Test accuracy/AUC and train loss per round, one PNG."""
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+def console_summary(summary: dict[str, Any], run_dir: Path) -> str:
+    """The end of a run in a few lines: last and selected test metrics, bytes, time, where it is."""
+    lines = [f"[fedmeld] finished {summary['num_rounds']} rounds in {summary['wall_seconds']:.0f} s with "
+             f"{summary['num_clients_took_part']} of {summary['config']['num-clients']} clients taking part | "
+             f"{summary['bytes_up_total'] / 1e6:.2f} MB up, {summary['bytes_down_total'] / 1e6:.2f} MB down"]
+    if summary["num_rounds"]:
+        lines.append(f"[fedmeld] test ACC {summary['final_test_accuracy']:.4f} AUC {summary['final_test_auc']:.4f} "
+                     f"(last round) | {summary['selected_test_accuracy']:.4f} / {summary['selected_test_auc']:.4f} "
+                     f"(round {summary['selected_round']}, selected by {summary['select_metric']}) | majority "
+                     f"class {summary['majority_class_accuracy']:.4f}")
+    if "dp_epsilon" in summary:
+        lines.append(f"[fedmeld] privacy spent: epsilon {summary['dp_epsilon']:.3f} at delta {summary['dp_delta']:g}")
+    lines.append(f"[fedmeld] run directory: {run_dir}")
+    return "\n".join(lines)
 
-        rounds = [r["round"] for r in self.rounds]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for split, style in (("val", "--"), ("test", "-")):
-            ax1.plot(rounds, [r[f"{split}_accuracy"] for r in self.rounds], f"o{style}", ms=3, color="tab:blue",
-                     label=f"{split} ACC")
-            ax1.plot(rounds, [r[f"{split}_auc"] for r in self.rounds], f"s{style}", ms=3, color="tab:orange",
-                     label=f"{split} AUC")
-        if self.selected_round:
-            ax1.axvline(self.selected_round, color="gray", ls=":", label=f"selected (round {self.selected_round})")
-        ax1.set(xlabel="round", ylabel="score", title="Global model: official val and test splits")
-        ax1.legend()
-        ax1.grid(alpha=0.3)
-        ax2.plot(rounds, [r["train_loss"] for r in self.rounds], "o-", color="tab:red")
-        ax2.set(xlabel="round", ylabel="loss", title="Mean client train loss")
-        ax2.grid(alpha=0.3)
-        fig.tight_layout()
-        atomic_write(self.run_dir / "curves.png", lambda p: fig.savefig(p, format="png", dpi=100))
-        plt.close(fig)
+
+def run_title(config: dict[str, Any]) -> str:
+    """Dataset, model, adapter, aggregation and clients of a run, for plot titles and tables."""
+    return (f"{config['dataset']} | {config['model']} | {config['peft']} | {config['aggregation']} | "
+            f"{config['num-clients']} clients")
+
+
+def plot_curves(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    """Validation and test ACC/AUC per round from round 0 (before training), the majority-class
+    rate (the score of predicting the commonest class: learning must beat it), the selected round,
+    and the mean client train loss; one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    initial = summary.get("initial") or {}
+    points = ([{"round": 0, **initial}] if initial else []) + list(rounds)
+    x = [r["round"] for r in points]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for split, style in (("val", "--"), ("test", "-")):
+        for metric, marker, color in (("accuracy", "o", "tab:blue"), ("auc", "s", "tab:orange")):
+            ax1.plot(x, [r.get(f"{split}_{metric}", math.nan) for r in points], f"{marker}{style}", ms=3,
+                     color=color, label=f"{split} {'ACC' if metric == 'accuracy' else 'AUC'}")
+    ax1.axhline(summary["majority_class_accuracy"], color="black", lw=0.8, ls="-.",
+                label=f"majority-class ACC ({summary['majority_class_accuracy']:.3f})")
+    if summary.get("selected_round"):
+        ax1.axvline(summary["selected_round"], color="gray", ls=":",
+                    label=f"selected by {summary['select_metric']} (round {summary['selected_round']})")
+    ax1.set(xlabel="round (0: before training)", ylabel="score", title="Global model, official val and test splits")
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    ax2.plot([r["round"] for r in rounds], [r["train_loss"] for r in rounds], "o-", color="tab:red")
+    ax2.set(xlabel="round", ylabel="loss", title="Mean client train loss")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(run_title(summary["config"]), fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)

@@ -112,10 +112,14 @@ def _download(flag: str, size: int, root: Path) -> None:
     import medmnist
 
     name = file_name(flag, size)
+    created = [p for p in (root, *root.parents) if not p.exists()]  # removed again if the download fails
     try:
         root.mkdir(parents=True, exist_ok=True)
         getattr(medmnist, INFO[flag]["python_class"])(split="test", size=size, root=str(root), download=True)
     except Exception as err:  # medmnist wraps every network failure in a bare RuntimeError
+        for path in created:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
         raise DataFileError(
             f"MedMNIST file {root / name} not found and could not be downloaded ({type(err).__name__}). "
             f"Provide it: put {name} (from {ZENODO}, MD5 {_expected_md5(flag, size)}) in a directory and "

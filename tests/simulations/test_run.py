@@ -4,6 +4,9 @@ federation under Flower's simulation runtime, LTE, and aggregation=exact with mi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -34,10 +37,41 @@ def test_cli_overrides_parse_as_toml(tmp_path):
 def test_cli_refuses_bad_key_before_running(capsys):
     from fedmeld.simulations.run import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main(["lora-rnak=4"])
-    assert exit_.value.code == 2
+    assert main(["lora-rnak=4"]) == 2
     assert "unknown run-config key 'lora-rnak'" in capsys.readouterr().err
+
+
+def _corrupt_root(tmp_path, medmnist_root):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "breastmnist.npz").write_bytes((medmnist_root / "breastmnist.npz").read_bytes()[:5000])
+    return tmp_path / "corrupt"
+
+
+@pytest.mark.parametrize("bad, named", [
+    ("data-root", "not found and could not be downloaded"),
+    ("corrupt", "is unreadable"),
+    ("model", "is not a timm model"),
+    ("used", "already holds files"),
+    ("weights", "does not exist"),
+])
+def test_bad_inputs_fail_before_anything_starts(bad, named, medmnist_root, tmp_path, capsys, monkeypatch):
+    """Each is one line on stderr naming the input and the fix, exit 2, and no run directory."""
+    from fedmeld.simulations.run import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "runs"
+    used = out / "taken"
+    used.mkdir(parents=True)
+    (used / "summary.json").write_text("{}")
+    override = {"data-root": f'data-root="{tmp_path / "nowhere"}"',
+                "corrupt": f'data-root="{_corrupt_root(tmp_path, medmnist_root)}"',
+                "model": 'model="resnet_typo"', "used": 'run-name="taken"',
+                "weights": f'weights="{tmp_path / "missing.safetensors"}"'}[bad]
+    args = [f'data-root="{medmnist_root}"', f'out="{out}"', 'run-name="fresh"', override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and err[0].startswith("fedmeld run: error:")
+    assert sorted(p.name for p in out.iterdir()) == ["taken"] and (used / "summary.json").read_text() == "{}"
 
 
 SUMMARY_KEYS = ("final_test_accuracy", "final_test_auc", "majority_class_accuracy", "num_rounds", "trainable_params",
@@ -46,14 +80,29 @@ SUMMARY_KEYS = ("final_test_accuracy", "final_test_auc", "majority_class_accurac
 
 @pytest.fixture(scope="module")
 def default_run(medmnist_root, tmp_path_factory):
-    """What `make run` runs (the pyproject defaults), with the data root and output made explicit."""
-    cfg = load_config(None, [f'data-root="{medmnist_root}"', f'out="{tmp_path_factory.mktemp("runs")}"',
-                             'run-name="default"'])
-    return cfg, simulate(cfg)
+    """What `make run` runs (the pyproject defaults, through the fedmeld command), with the data root
+    and output made explicit; returns its config, run directory and console output."""
+    out = tmp_path_factory.mktemp("runs")
+    args = [f'data-root="{medmnist_root}"', f'out="{out}"', 'run-name="default"']
+    done = subprocess.run([str(Path(sys.executable).with_name("fedmeld")), "run", *args], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return load_config(None, args), out / "default", (done.stdout + done.stderr).splitlines()
+
+
+def test_console_fits_one_screen(default_run):
+    """One line per round and a short summary; Flower's and Ray's lines in flower.log; the last
+    line is the run directory."""
+    cfg, run_dir, console = default_run
+    assert len(console) <= 40 and console[-1] == str(run_dir)
+    assert sum(line.startswith("[fedmeld] round ") for line in console) == cfg.num_server_rounds
+    assert not [line for line in console if not line.startswith("[fedmeld]") and line != str(run_dir)]
+    log = (run_dir / "flower.log").read_text()
+    assert "[ROUND 1/" in log and "Aggregated MetricRecord" in log  # what used to flood the console
 
 
 def test_default_federation_learns(default_run):
-    cfg, run_dir = default_run
+    cfg, run_dir, _ = default_run
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["round"] for r in rounds] == list(range(1, cfg.num_server_rounds + 1)) and cfg.num_server_rounds >= 3
@@ -75,7 +124,7 @@ def test_default_federation_learns(default_run):
 
 
 def test_exported_model_loads_into_plain_timm(default_run, medmnist_root):
-    cfg, run_dir = default_run
+    cfg, run_dir, _ = default_run
     info = task_info(cfg.dataset)
     path = run_dir / "model_merged.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -92,7 +141,7 @@ def test_exported_model_loads_into_plain_timm(default_run, medmnist_root):
 
 
 def test_existing_run_directory_is_never_overwritten(default_run):
-    cfg, run_dir = default_run
+    cfg, run_dir, _ = default_run
     before = (run_dir / "summary.json").read_bytes()
     with pytest.raises(FileExistsError, match="already holds files"):
         simulate(cfg)
