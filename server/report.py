@@ -186,7 +186,7 @@ def console_summary(summary: dict[str, Any], run_dir: Path) -> str:
 
 def run_title(config: dict[str, Any]) -> str:
     """Dataset, model, adapter, aggregation and clients of a run, for plot titles and tables."""
-    return (f"{config['dataset']} | {config['model']} | {config['peft']} | {config['aggregation']} | "
+    return (f"{config['dataset']} · {config['model']} · {config['peft']} · {config['aggregation']} · "
             f"{config['num-clients']} clients")
 
 
@@ -199,7 +199,8 @@ def plot_curves(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    initial = summary.get("initial") or {}
+    initial = summary.get("initial") or {k.removeprefix("initial_"): summary[k]  # runs that kept only these
+                                           for k in ("initial_test_accuracy", "initial_test_auc") if k in summary}
     points = ([{"round": 0, **initial}] if initial else []) + list(rounds)
     x = [r["round"] for r in points]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))

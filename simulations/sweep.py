@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from fedmeld.simulations.report import read_run, runs_table
 from fedmeld.task.config import ConfigError, RunConfig, parse_pairs
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -130,16 +131,12 @@ def collect(planned: list[tuple[str, RunConfig]], out: Path) -> list[dict[str, A
         run_dir = out / "runs" / name
         if not (run_dir / "summary.json").is_file():
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        replies = sum(r["num_clients_ok"] for r in rounds)
-        rows.append({"run": name, "config": SEED_SUFFIX.sub("", name), "seed": cfg.seed,
-                     **{k: summary.get(k) for k in RESULT_KEYS},
-                     "bytes_up_per_client_round": round(summary["bytes_up_total"] / max(replies, 1)),
+        run = read_run(run_dir)
+        replies = sum(r["num_clients_ok"] for r in run["rounds"])
+        rows.append({**run, "config_name": SEED_SUFFIX.sub("", name), "seed": cfg.seed,
+                     "bytes_up_per_client_round": round(run["bytes_up_total"] / max(replies, 1)),
                      "weights": cfg.weights or ("pretrained" if cfg.pretrained else f"random init (seed {cfg.seed})"),
-                     "hardware": summary.get("hardware"), "date": summary.get("date"),
-                     "accuracy_per_round": [r["test_accuracy"] for r in rounds],
-                     "bytes_per_round": [r["bytes_up"] + r["bytes_down"] for r in rounds]})
+                     "accuracy_per_round": [r["test_accuracy"] for r in run["rounds"]]})
     return rows
 
 
@@ -154,8 +151,8 @@ def by_config(rows: list[dict[str, Any]]) -> list[str]:
     """One markdown table row per config: mean ± std over its seeds."""
     lines = ["| config | seeds | last test ACC | last test AUC | selected test ACC | selected test AUC | majority | "
              "trainable params | bytes up/client-round | wall s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for config in dict.fromkeys(r["config"] for r in rows):
-        runs = [r for r in rows if r["config"] == config]
+    for config in dict.fromkeys(r["config_name"] for r in rows):
+        runs = [r for r in rows if r["config_name"] == config]
         scores = [mean_std([float(r[k]) for r in runs]) for k in SCORES]
         lines.append(f"| {config} | {','.join(str(r['seed']) for r in runs)} | {' | '.join(scores)} | "
                      f"{runs[0]['majority_class_accuracy']:.3f} | {runs[0]['trainable_params']:,} | "
@@ -168,23 +165,16 @@ def write_reports(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "config": r["config_name"]} for r in rows)
     lines = [f"# {title}", ""]
-    if any(r["config"] != r["run"] for r in rows):
+    if any(r["config_name"] != r["run"] for r in rows):
         lines += ["Mean ± sample std over seeds; \"selected\": the round the official validation split "
                   "selects (`select-metric`).", "", *by_config(rows), "", "Every run:", ""]
-    lines += ["| run | test ACC | test AUC | selected round | selected test ACC | selected test AUC | majority | "
-              "trainable params | bytes up/client-round | bytes up total | bytes down total | wall s | weights |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['final_test_accuracy']:.3f} | {r['final_test_auc']:.3f} | "
-                     f"{r['selected_round']} | {r['selected_test_accuracy']:.3f} | {r['selected_test_auc']:.3f} | "
-                     f"{r['majority_class_accuracy']:.3f} | {r['trainable_params']:,} | "
-                     f"{r['bytes_up_per_client_round']:,} | {r['bytes_up_total']:,} | {r['bytes_down_total']:,} | "
-                     f"{r['wall_seconds']:.0f} | {r['weights']} |")
+    lines += runs_table(rows)
     if rows:
-        lines += ["", f"Hardware: {rows[0]['hardware']}; dates {min(r['date'] for r in rows)} to "
-                      f"{max(r['date'] for r in rows)}."]
+        weights = sorted({r["weights"] for r in rows})
+        lines += ["", f"Weights: {'; '.join(weights)}. Hardware: {rows[0]['hardware']}; dates "
+                      f"{min(r['date'] for r in rows)} to {max(r['date'] for r in rows)}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plots(rows, out)
 
@@ -206,9 +196,9 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    groups = sorted({r["config"].rsplit("_", 1)[0] for r in rows})  # one colour per method: names end in "_<axis>"
+    groups = sorted({r["config_name"].rsplit("_", 1)[0] for r in rows})  # one colour per method: "<method>_<axis>"
     for group in groups:
-        members = [r for r in rows if r["config"].rsplit("_", 1)[0] == group]
+        members = [r for r in rows if r["config_name"].rsplit("_", 1)[0] == group]
         sent = [r["bytes_up_total"] + r["bytes_down_total"] for r in members]
         ax.scatter(sent, [r["final_test_accuracy"] for r in members], label=group)
         for r, x in zip(members, sent):
