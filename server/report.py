@@ -190,6 +190,13 @@ def run_title(config: dict[str, Any]) -> str:
             f"{config['num-clients']} clients")
 
 
+def curve_points(rounds: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rounds' records preceded by round 0, the global model before training."""
+    initial = summary.get("initial") or {k.removeprefix("initial_"): summary[k]  # runs that kept only these
+                                         for k in ("initial_test_accuracy", "initial_test_auc") if k in summary}
+    return ([{"round": 0, **initial}] if initial else []) + list(rounds)
+
+
 def plot_curves(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     """Validation and test ACC/AUC per round from round 0 (before training), the majority-class
     rate (the score of predicting the commonest class: learning must beat it), the selected round,
@@ -199,9 +206,7 @@ def plot_curves(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    initial = summary.get("initial") or {k.removeprefix("initial_"): summary[k]  # runs that kept only these
-                                           for k in ("initial_test_accuracy", "initial_test_auc") if k in summary}
-    points = ([{"round": 0, **initial}] if initial else []) + list(rounds)
+    points = curve_points(rounds, summary)
     x = [r["round"] for r in points]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for split, style in (("val", "--"), ("test", "-")):

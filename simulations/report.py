@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedmeld.server.report import atomic_write, plot_curves, run_title
+from fedmeld.server.report import atomic_write, curve_points, plot_curves, run_title
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -65,15 +65,17 @@ def compare_plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(runs):
         color = f"C{i % 10}"
-        x = [row["round"] for row in r["rounds"]]
+        points = curve_points(r["rounds"], r)
+        x = [row["round"] for row in points]
         for ax, metric in zip(axes, ("accuracy", "auc")):
-            ax.plot(x, [row[f"test_{metric}"] for row in r["rounds"]], "-", color=color, label=r["run"])
-            ax.plot(x, [row.get(f"val_{metric}", math.nan) for row in r["rounds"]], "--", color=color, alpha=0.6)
+            ax.plot(x, [row.get(f"test_{metric}", math.nan) for row in points], "o-", ms=3, color=color,
+                    label=r["run"])
+            ax.plot(x, [row.get(f"val_{metric}", math.nan) for row in points], "s--", ms=2, color=color, alpha=0.6)
     majorities = {round(r["majority_class_accuracy"], 4) for r in runs}
     for majority in majorities:
         axes[0].axhline(majority, color="black", lw=0.8, ls="-.", label=f"majority-class ACC ({majority:.3f})")
     for ax, name in zip(axes, ("ACC", "AUC")):
-        ax.set(xlabel="round", ylabel=name, title=f"test {name} (solid), validation {name} (dashed)")
+        ax.set(xlabel="round (0: before training)", ylabel=name, title=f"test {name} (solid), validation {name} (dashed)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
