@@ -10,20 +10,24 @@ chooses anything.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import MetricRecord
 
+from fedmeld.peft import load_adapter_state
 from fedmeld.server.checkpoint import Checkpoint
 from fedmeld.server.report import RunRecorder, default_run_name, make_run_dir, select_round
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo, load_split, task_info
 from fedmeld.task.engine import Inputs, evaluate, pick_device
+from fedmeld.task.export import write_hf_peft, write_timm_config
 from fedmeld.task.schedule import lr_at
 from fedmeld.task.wire import State, nbytes, snapshot
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,8 +74,10 @@ class CentralEvaluation:
     def finish(self, model: torch.nn.Module, plain_state: State, global_state: State,
                selected_plain_state: State | None = None) -> Path:
         """Save the last round's ``global_state`` (adapter.safetensors) and the selected round's;
-        export ``plain_state`` (the last round; loads into plain timm) and the selected round's; write
-        summary.json with the sizes every protocol reports; return the run directory."""
+        export ``plain_state`` (the last round; loads into plain timm) and the selected round's, with
+        timm's config.json beside them, and both rounds' adapters for Hugging Face peft (``model``
+        holds the protocol's last load); write summary.json with the sizes every protocol reports;
+        return the run directory."""
         rounds = self.recorder.rounds
         self.recorder.save_state(global_state, rounds[-1]["round"] if rounds else 0)
         if self.selected:
@@ -82,10 +88,30 @@ class CentralEvaluation:
         export = self.recorder.export_model(plain_state, metadata)
         if selected_plain_state is not None:
             self.recorder.export_model(selected_plain_state, metadata, name="model_selected.safetensors")
+        timm_config = write_timm_config(self.recorder.run_dir, self.cfg, self.info, plain_state)
+        hf_peft = self._export_hf_peft(model, global_state)
         self.recorder.finish(
             self.cfg, model, self.test.labels, self.train_labels, export,
             global_state_bytes=nbytes(global_state), full_model_bytes=nbytes(plain_state),
             bytes_per_client_round=sum(r["bytes_up"] + r["bytes_down"] for r in rounds)
             / max(sum(r["num_clients_ok"] for r in rounds), 1),
-            samples_seen=sum(r["samples_seen"] for r in rounds))
+            samples_seen=sum(r["samples_seen"] for r in rounds),
+            exports={"timm_config": timm_config and timm_config.name, "hf_peft": hf_peft})
         return self.recorder.run_dir
+
+    def _export_hf_peft(self, model: torch.nn.Module, global_state: State) -> list[str] | str:
+        """hf_peft/ (the last round) and hf_peft_selected/ (the selected round, always, as
+        model_selected.safetensors, so a script need not know whether it is the last); the directories
+        written, or why none was (logged too: the run goes on)."""
+        rounds = self.recorder.rounds
+        states = {"hf_peft": (rounds[-1]["round"] if rounds else 0, global_state)}
+        if self.selected:
+            states["hf_peft_selected"] = (select_round(rounds, self.cfg.select_metric)["round"], self.selected)
+        for name, (server_round, state) in states.items():
+            if self.cfg.protocol == "delta":  # its global state is adapter tensors; local-params stay as loaded
+                load_adapter_state(model, state, strict=False)
+            reason = write_hf_peft(model, self.cfg, self.recorder.run_dir / name, server_round)
+            if reason:
+                log.info("no Hugging Face peft export: %s; model_merged.safetensors holds the whole model", reason)
+                return f"not written: {reason}"
+        return list(states)

@@ -150,6 +150,11 @@ class RunConfig:
                             "(set HF_HUB_OFFLINE=1 to use only the cache).")
     weights: str = _key('', "Local weights file (.safetensors/.pth/.bin) for the backbone; implies pretrained. "
                         "The classifier is resized, grayscale input adapted.")
+    init_adapter: str = _key('', "Directory of a Hugging Face peft LoRA/DoRA adapter (adapter_config.json + "
+                             "adapter_model.safetensors, e.g. another run's hf_peft/) the global adapter starts from "
+                             "at round 0, head and norms included. Its model, target modules, rank and LoRA/DoRA "
+                             "type must be the run's (a different lora_alpha is rescaled into B, exactly). Like "
+                             "weights, every node reads it. Empty: a fresh adapter.")
     num_clients: int = _key(4, "Number of clients (hospitals) the training split is partitioned over.",
                             check=_positive[0], rule=_positive[1])
     partition: str = _key('dirichlet', "How labels are spread over clients.", ("iid", "dirichlet"))
@@ -290,6 +295,10 @@ class RunConfig:
         if "lte" in parts and self.batch_size % self.lte_heads:
             raise ConfigError(f"batch-size {self.batch_size} must be divisible by lte-heads {self.lte_heads}: "
                               f"each head trains on an equal micro-batch")
+        if self.init_adapter and (not parts & {"lora", "dora"} or self.protocol != "delta" or self.client_ranks):
+            raise ConfigError(f"init-adapter starts the global LoRA/DoRA adapter of the delta protocol: it needs peft "
+                              f"with lora or dora, a delta aggregation (not exact, not lte) and no client-ranks; got "
+                              f"peft={self.peft!r}, aggregation={self.aggregation!r}, client-ranks={self.client_ranks!r}")
         if self.protocol == "backbone-merge":
             unsupported = {"proximal-mu": self.proximal_mu != 0, "local-params": bool(self.local_params),
                            "lora-dropout": self.lora_dropout != 0, "optimizer": self.optimizer != "adamw",

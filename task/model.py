@@ -6,7 +6,9 @@ pretrained weights or the same seeded random init, so only adapter state has to 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -15,9 +17,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fedmeld.peft import GaLoreAdamW, PeftConfig, apply_peft, galore_param_groups
+from fedmeld.peft.hf import AdapterMismatch, load_hf_peft, read_hf_peft
 from fedmeld.peft.lora import matches
 from fedmeld.task.config import ConfigError, RunConfig, model_kwargs, peft_method
 from fedmeld.task.data import TaskInfo
+
+log = logging.getLogger(__name__)
 
 
 @register_model
@@ -60,7 +65,7 @@ def is_local(name: str, cfg: RunConfig) -> bool:
 def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     """The plain timm model (no adapters), as `timm.create_model` gives it to anyone (with
     ``stem=small``, its stem replaced: ``small_stem``)."""
-    kwargs: dict = {"num_classes": info.num_classes, "in_chans": info.in_chans}
+    kwargs: dict = {}
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
         if not path.is_file():
@@ -70,7 +75,7 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     else:
         kwargs["pretrained"] = cfg.pretrained
     try:
-        model = _create(cfg, kwargs)
+        model, _ = timm_model(cfg, info, **kwargs)
     except RuntimeError as err:
         if cfg.weights:
             raise WeightsError(f"could not load {cfg.weights} into {cfg.model}: {err}") from err
@@ -89,8 +94,26 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
 
 
 def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
-    """The backbone with the run's adapters applied and everything else frozen."""
-    return apply_peft(create_backbone(cfg, info), peft_config(cfg))
+    """The backbone with the run's adapters applied and everything else frozen; with ``init-adapter``,
+    the adapter's tensors come from that Hugging Face peft directory (on every node, so a client's
+    own ``local-params`` start from it too)."""
+    model = apply_peft(create_backbone(cfg, info), peft_config(cfg))
+    if cfg.init_adapter:
+        load_init_adapter(model, cfg)
+    return model
+
+
+def load_init_adapter(model: nn.Module, cfg: RunConfig) -> None:
+    """Load ``init-adapter`` into the adapted ``model``; ConfigError (one line, with the fix) if it
+    does not fit the run."""
+    try:
+        config, tensors = read_hf_peft(cfg.init_adapter)
+        kept = load_hf_peft(model, config, tensors, model_name=cfg.model)
+    except AdapterMismatch as err:
+        raise ConfigError(f"init-adapter={cfg.init_adapter}: {err}") from None
+    if kept:
+        log.info("init-adapter %s holds no value for %d trained tensors (e.g. %s): they start as the backbone's",
+                 cfg.init_adapter, len(kept), kept[0])
 
 
 @torch.no_grad()
@@ -140,15 +163,20 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay)
 
 
-def _create(cfg: RunConfig, kwargs: dict) -> nn.Module:
-    """Transformers fix their position embeddings to an input size, so give them the data's;
-    CNNs take any size and refuse the keyword."""
-    kwargs = {**kwargs, **model_kwargs(cfg.model_args)}
+def timm_model(cfg: RunConfig, info: TaskInfo, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` of the run's architecture, seeded, and the keyword arguments that define
+    that architecture (num_classes, in_chans, img_size where the family takes it, model-args): what
+    timm needs to rebuild it (``task/export.py``). ``kwargs``: how to load it (pretrained, ...).
+
+    Transformers fix their position embeddings to an input size, so they get the data's; CNNs take
+    any size and refuse the keyword."""
+    args = {"num_classes": info.num_classes, "in_chans": info.in_chans, **model_kwargs(cfg.model_args)}
     torch.manual_seed(cfg.seed)
     try:
-        return timm.create_model(cfg.model, img_size=cfg.model_size, **kwargs)
+        sized = {**args, "img_size": cfg.model_size}
+        return timm.create_model(cfg.model, **sized, **kwargs), sized
     except TypeError as err:
         if "img_size" not in str(err):
             raise
     torch.manual_seed(cfg.seed)
-    return timm.create_model(cfg.model, **kwargs)
+    return timm.create_model(cfg.model, **args, **kwargs), args
