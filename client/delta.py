@@ -28,7 +28,7 @@ def train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int
                         lr=cfg.lr, weight_decay=cfg.weight_decay, device=pick_device(cfg.device),
                         inputs=Inputs.of(cfg), seed=seed, prox_mu=cfg.proximal_mu,
                         optimizer=make_optimizer(model, cfg), lr_at=lambda epoch: lr_at(cfg, server_round, epoch),
-                        precision=cfg.precision)
+                        precision=cfg.precision, compile_mode=cfg.compile)
     state = {k: v.cpu() for k, v in adapter_state(model).items()}
     if cfg.local_params:
         context.state[LOCAL_KEY] = pack({k: v for k, v in state.items() if is_local(k, cfg)})

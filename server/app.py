@@ -19,7 +19,7 @@ from fedmeld.server.delta import DeltaProtocol
 from fedmeld.server.evaluation import CentralEvaluation
 from fedmeld.server.strategy import FedmeldStrategy
 from fedmeld.task.config import RunConfig
-from fedmeld.task.flower import shorten_grid_waits
+from fedmeld.task.flower import shorten_grid_waits, trace_grid
 
 app = ServerApp()
 PROTOCOLS = {"delta": DeltaProtocol, "backbone-merge": BackboneMergeProtocol}
@@ -28,6 +28,7 @@ PROTOCOLS = {"delta": DeltaProtocol, "backbone-merge": BackboneMergeProtocol}
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     shorten_grid_waits(grid)
+    trace_grid(grid)  # FEDMELD_TRACE: where a round's time goes (fedmeld.task.trace)
     federate(grid, RunConfig.from_mapping(context.run_config))
 
 

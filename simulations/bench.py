@@ -1,14 +1,22 @@
-"""Training speed and memory of each fine-tuning mode, side by side in one process (issue 7).
+"""Training speed and memory of each fine-tuning mode, side by side in one process.
 
-    fedmeld bench --compile --out $OUT/bench.json           # device: full settings
+    fedmeld bench --out $OUT/bench.json                     # device: every model, mode and loop
     fedmeld bench --device cpu --models resnet10t --batch 8 --img 32 --steps 3 \\
         --warmup 1 --repeats 1 --modes full lora head --data-model resnet10t   # CPU smoke run
 
-Every row is one model and one mode: a fresh timm model (random init: speed does not depend on the
-weights), that mode's trainable set, AdamW (fused on CUDA), bf16 autocast, channels_last, and
-synthetic data already on the device, so the figures compare the modes and nothing else. Each
-PEFT mode also trains the classifier head. Ratios against ``full`` are recomputable from the
-rows of one run, taken under the same compile setting.
+Every row is one model, one mode, one loop and one compile setting: a fresh timm model (random
+init: speed does not depend on the weights) with that mode's trainable set. Each PEFT mode also
+trains the classifier head. Two loops:
+
+- ``harness`` (``"loop": "harness"``): this module's own step, AdamW (fused on CUDA), bf16 autocast,
+  channels_last, synthetic data already on the device: the modes and nothing else;
+- ``product`` (``"loop": "product"``): ``task/engine.py``'s ``train``, the code every client runs,
+  with the client's optimizer (``task/model.py``'s ``make_optimizer``) and its data path: the
+  ``--data-flag`` train split as uint8 28 px images, resized to ``--img`` on the device. Its
+  ``compile`` is the run-config key (``off``, ``default``, ``cudagraphs``); ``compile_s`` is the
+  time the call spent compiling or capturing, which ``img_per_s`` leaves out.
+
+Ratios against ``full`` are recomputable from the rows of one run, within one loop and compile setting.
 
 ``hf-peft-lora`` is Hugging Face peft (``import peft``; ours is ``fedmeld.peft``), on the same
 layers as our LoRA rows.
@@ -34,6 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedmeld.task.config import COMPILE_MODES
+
+LOOPS = ("harness", "product")
 MODES = ("full", "hf-peft-lora", "lora", "lora-naive", "lora-keep-act", "lora-frozen-a", "norm", "norm-floor", "head")
 DEFAULT_MODES = ("full", "hf-peft-lora", "lora", "lora-frozen-a", "norm", "norm-floor", "head")
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -49,17 +60,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fine-tuning modes; 'full' is the baseline of every ratio; 'lora-naive' is our LoRA "
                         "with the merged-weight path off (the plain W x + s B(A x)); 'lora-keep-act' is our "
                         "LoRA keeping each MLP's GELU output for backward (PeftConfig.lora_recompute_act=False)")
-    p.add_argument("--compile", action="store_true", help="also measure every mode under torch.compile "
+    p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS),
+                   help="harness: this module's own training step; product: task/engine.py's train, as clients run it")
+    p.add_argument("--product-compile", nargs="+", choices=COMPILE_MODES,
+                   help="compile settings (the run-config key) of the product rows; default: off and, on CUDA, "
+                        "cudagraphs")
+    p.add_argument("--compile", action="store_true", help="also measure every harness mode under torch.compile "
                                                           "(hf-peft-lora stays eager)")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                    help="torch.compile mode of the compiled rows; 'reduce-overhead' replays CUDA graphs, which "
                         "removes the per-kernel launch cost that bounds small models' steps")
     p.add_argument("--compile-models", nargs="+", metavar="MODEL",
-                   help="limit the compiled rows to these models (default: all of --models)")
+                   help="limit the compiled rows (both loops) to these models (default: all of --models)")
     p.add_argument("--compile-modes", nargs="+", choices=MODES, metavar="MODE",
-                   help="limit the compiled rows to these modes (default: all of --modes); compiling takes "
-                        "most of a compiled row's time")
+                   help="limit the compiled rows (both loops) to these modes (default: all of --modes); compiling "
+                        "takes most of a compiled row's time")
     p.add_argument("--batch", type=int, default=128, help="images per step")
     p.add_argument("--img", type=int, default=224, help="input size in pixels (square)")
     p.add_argument("--num-classes", type=int, default=2, help="classifier width of the synthetic rows")
@@ -69,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed windows per row; img/s is their median")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--data-flag", default="breastmnist",
-                   help="MedMNIST dataset of the data-path figure (its 28 px train split, read from "
-                        "--data-root, then $MEDMNIST_ROOT); 'none' skips the figure")
+                   help="MedMNIST dataset of the product rows and the data-path figure (its 28 px train split, "
+                        "read from --data-root, then $MEDMNIST_ROOT); 'none' skips both")
     p.add_argument("--data-root", default="", help="folder holding <flag>.npz")
     p.add_argument("--data-model", help="model of the data-path figure (default: the first of --models)")
     p.add_argument("--data-mode", default="lora", choices=[m for m in MODES if m != "hf-peft-lora"],
@@ -79,12 +95,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after measuring these rows, write a torch.profiler table of a few steps to "
                         "<out>.profile.txt")
     p.add_argument("--federation", nargs="*", metavar="key=value",
-                   help="also measure the federation overhead of a job (run-config overrides on top of "
+                   help="also measure where a federated round's time goes (run-config overrides on top of "
                         "simulations.scaling's defaults: 8 clients, PneumoniaMNIST at 224 px, ViT-S, LoRA, 1 local "
-                        "epoch): the clients' training in a bare loop, then the same job under the in-process "
-                        "simulation Grid and under the deployment runtime (SuperLink + SuperNodes on localhost)")
+                        "epoch): each client's train + evaluate in a bare loop, then the same job under the in-process "
+                        "simulation Grid and under the deployment runtime (SuperLink + SuperNodes on localhost), "
+                        "traced hop by hop (fedmeld.task.trace)")
     p.add_argument("--out", default="bench.json", help="JSON output path")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.product_compile = args.product_compile or ["off", *(["cudagraphs"] if args.device.startswith("cuda") else [])]
+    return args
 
 
 # --- one measurement -----------------------------------------------------------
@@ -181,15 +200,56 @@ def reset_device(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# --- the product's loop ---------------------------------------------------------
+
+def product_measure(model: nn.Module, split, info, args: argparse.Namespace, compile_mode: str) -> dict:
+    """img/s (median of --repeats calls of --steps batches, compile time left out) and peak GiB of
+    ``task/engine.py``'s ``train`` on ``split`` (uint8 images resized to --img on the device), with
+    the client's own optimizer, after one untimed call of --warmup batches."""
+    import numpy as np
+
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.engine import Inputs, train
+    from fedmeld.task.model import make_optimizer
+
+    device = torch.device(args.device)
+    cfg = RunConfig.from_mapping({"lr": 1e-4, "weight-decay": 0.0})
+    model.to(device)
+
+    def call(batches: int) -> dict:
+        data = split.subset(np.resize(np.arange(len(split)), batches * args.batch))  # the split, tiled
+        return train(model, data, info, epochs=1, batch_size=args.batch, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                     device=device, seed=0, inputs=Inputs(size=args.img), optimizer=make_optimizer(model, cfg),
+                     precision=cfg.precision, compile_mode=compile_mode)
+
+    calls = [call(max(args.warmup, 2))] + [call(args.steps) for _ in range(args.repeats)]
+    timed = calls[1:]
+    speed = statistics.median(c["samples_seen"] / (c["train_seconds"] - c["compile_seconds"]) for c in timed)
+    peak = max(c["peak_memory_mb"] for c in calls) / 1024 if device.type == "cuda" else None
+    return {"img_per_s": round(speed, 1), "peak_gib": None if peak is None else round(peak, 3),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "compile_s": round(max(c["compile_seconds"] for c in calls), 3),
+            "compile_s_first_call": round(calls[0]["compile_seconds"], 3)}
+
+
+def product_split(args: argparse.Namespace):
+    """The --data-flag train split (28 px uint8) and its TaskInfo, or None without data."""
+    if args.data_flag == "none":
+        return None
+    from fedmeld.task.data import load_split, task_info
+
+    return load_split(args.data_flag, "train", size=28, data_root=args.data_root), task_info(args.data_flag)
+
+
 # --- modes ---------------------------------------------------------------------
 
-def build_model(name: str, num_classes: int, img: int) -> nn.Module:
+def build_model(name: str, num_classes: int, img: int, in_chans: int = 3) -> nn.Module:
     """Random init; models with a fixed input size (ViT) are built for ``img``, convnets take any."""
     torch.manual_seed(0)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, img_size=img)
     except TypeError:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
 def prepare(model: nn.Module, mode: str, rank: int) -> nn.Module:
@@ -215,54 +275,82 @@ def prepare(model: nn.Module, mode: str, rank: int) -> nn.Module:
     return model
 
 
-def hf_peft_row(model_name: str, args: argparse.Namespace) -> dict:
-    """Hugging Face peft's LoRA on the same layers as our LoRA rows; its row, or a note why not."""
+def hf_peft_model(model_name: str, args: argparse.Namespace, num_classes: int, in_chans: int = 3) -> nn.Module:
+    """Hugging Face peft's LoRA on the same layers as our LoRA rows; RuntimeError (why) if not importable."""
     from fedmeld.peft import default_target_modules  # ours
     from fedmeld.peft.lora import matches
 
     try:
         import peft  # Hugging Face's: ours is fedmeld.peft
     except ImportError as e:
-        return {"error": f"Hugging Face peft is not importable: {e}"}
+        raise RuntimeError(f"Hugging Face peft is not importable: {e}") from e
     if not hasattr(peft, "LoraConfig"):
-        return {"error": f"'import peft' found {peft.__file__}, not Hugging Face peft: run `fedmeld bench`, "
-                         f"not python -m from the repository root (whose peft/ folder shadows it)"}
-    model = build_model(model_name, args.num_classes, args.img)
+        raise RuntimeError(f"'import peft' found {peft.__file__}, not Hugging Face peft: run `fedmeld bench`, "
+                           f"not python -m from the repository root (whose peft/ folder shadows it)")
+    model = build_model(model_name, num_classes, args.img, in_chans)
     patterns = default_target_modules(model)  # names, suffixes or globs: resolved here to full names
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and matches(n, patterns)]
     head = model.pretrained_cfg["classifier"]
     cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets,
                           modules_to_save=[head] if isinstance(head, str) else list(head))
-    model = peft.get_peft_model(model, cfg)
+    return peft.get_peft_model(model, cfg)
+
+
+def hf_peft_row(model_name: str, args: argparse.Namespace) -> dict:
+    """Hugging Face peft's LoRA in the harness; its row, or a note why not."""
+    try:
+        model = hf_peft_model(model_name, args, args.num_classes)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    import peft
+
     return {**measure(model, synthetic(args.batch, args.img, args.num_classes, torch.device(args.device)),
                       args, compiled=False), "hf_peft_version": peft.__version__}
 
 
 # --- the run -------------------------------------------------------------------
 
+def settings(args: argparse.Namespace, model_name: str, mode: str) -> list[tuple[str, str]]:
+    """The (loop, compile) settings a model and mode are measured under."""
+    compiles = model_name in set(args.compile_models or args.models) and mode in set(args.compile_modes or args.modes)
+    out = []
+    if "harness" in args.loops:
+        out += [("harness", "off")] + ([("harness", args.compile_mode)]
+                                       if args.compile and compiles and mode != "hf-peft-lora" else [])
+    if "product" in args.loops and args.data_flag != "none":
+        out += [("product", c) for c in args.product_compile if c == "off" or compiles]
+    return out
+
+
 def run_rows(args: argparse.Namespace, profiles: dict[str, str], on_row: Callable[[list[dict]], None]) -> list[dict]:
-    """Measure every (model, compile, mode); ``on_row`` gets the rows so far after each one."""
+    """Measure every (model, loop, compile, mode); ``on_row`` gets the rows so far after each one."""
     device = torch.device(args.device)
-    compile_models = set(args.compile_models or args.models)
-    compile_modes = set(args.compile_modes or args.modes)
+    data = product_split(args) if "product" in args.loops else None
     rows = []
     for model_name in args.models:
-        settings = [False] + ([True] if args.compile and model_name in compile_models else [])
-        for compiled in settings:
+        for loop, compile_mode in dict.fromkeys(s for mode in args.modes for s in settings(args, model_name, mode)):
             for mode in args.modes:
-                if compiled and (mode == "hf-peft-lora" or mode not in compile_modes):
+                if (loop, compile_mode) not in settings(args, model_name, mode):
                     continue
                 reset_device(device)
-                row = {"model": model_name, "mode": mode, "compile": compiled}
-                tag = f"{model_name}:{mode}" + (":compile" if compiled else "")
+                row = {"model": model_name, "mode": mode, "loop": loop, "compile": compile_mode}
+                tag = f"{model_name}:{mode}" + ("" if loop == "harness" else ":product") + \
+                    ("" if compile_mode == "off" else f":{compile_mode}")
                 table: list[str] | None = [] if tag in args.profile else None
                 try:
-                    if mode == "hf-peft-lora":
+                    if loop == "product":
+                        split, info = data
+                        model = hf_peft_model(model_name, args, info.num_classes, info.in_chans) \
+                            if mode == "hf-peft-lora" else \
+                            prepare(build_model(model_name, info.num_classes, args.img, info.in_chans), mode, args.rank)
+                        row.update(product_measure(model, split, info, args, compile_mode))
+                        del model
+                    elif mode == "hf-peft-lora":
                         row.update(hf_peft_row(model_name, args))
                     else:
                         model = prepare(build_model(model_name, args.num_classes, args.img), mode, args.rank)
                         batch_fn = synthetic(args.batch, args.img, args.num_classes, device)
-                        row.update(measure(model, batch_fn, args, compiled, table))
+                        row.update(measure(model, batch_fn, args, compile_mode != "off", table))
                         del model, batch_fn
                 except Exception as e:  # one failing row (OOM, compile error) must not lose the run
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -286,7 +374,7 @@ def data_path(args: argparse.Namespace) -> dict | None:
     model_name = args.data_model or args.models[0]
     sources = {"synthetic": synthetic(args.batch, args.img, num_classes, device),
                "medmnist": DeviceSplit(split.images, split.labels, args.batch, args.img, device)}
-    result: dict = {"model": model_name, "mode": args.data_mode, "compile": False, "flag": args.data_flag,
+    result: dict = {"model": model_name, "mode": args.data_mode, "compile": "off", "flag": args.data_flag,
                     "images": len(split), "source_px": tuple(split.images.shape[-2:]),
                     "augment": "random horizontal flip, bilinear resize on the device"}
     for source, batch_fn in sources.items():
@@ -298,66 +386,81 @@ def data_path(args: argparse.Namespace) -> dict | None:
     return result
 
 
-def bare_client_seconds(overrides: list[str]) -> dict:
-    """Each client's local epoch timed in a plain loop (same model, shard, engine; no Flower), after
-    one untimed epoch that pays CUDA start-up and kernel choice."""
+def bare_clients(overrides: list[str]) -> dict:
+    """Each client's round of work in a plain loop (same model, shards, engine, optimizer and compile
+    setting; no Flower): its local training (``train_s``, graph capture or compilation included, as
+    a client pays it every round) and the evaluation of its validation split (``evaluate_s``), after
+    one untimed round of client 0 that pays CUDA start-up and kernel choice."""
     from fedmeld.client.app import load_shard
     from fedmeld.task.data import task_info
-    from fedmeld.task.engine import Inputs, pick_device, train
+    from fedmeld.task.engine import Inputs, evaluate, pick_device, train
     from fedmeld.task.model import build_model as build_fed_model
+    from fedmeld.task.model import make_optimizer
     from fedmeld.simulations.run import load_config
 
     cfg = load_config(None, overrides)
     info, device = task_info(cfg.dataset), pick_device(cfg.device)
     model = build_fed_model(cfg, info).to(device)
-    seconds = []
+    train_s, evaluate_s = [], []
     for pid in [0, *range(cfg.num_clients)]:
         shard = load_shard(cfg, pid, cfg.num_clients)
         stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, inputs=Inputs.of(cfg),
-                      precision=cfg.precision)
-        seconds.append(stats["train_seconds"])
-    return {"per_client_s": [round(t, 3) for t in seconds[1:]], "slowest_s": round(max(seconds[1:]), 3),
-            "sum_s": round(sum(seconds[1:]), 3)}
+                      optimizer=make_optimizer(model, cfg), precision=cfg.precision, compile_mode=cfg.compile)
+        began = time.perf_counter()
+        if len(shard.val):
+            evaluate(model, shard.val, info, device=device, inputs=Inputs.of(cfg), precision=cfg.precision)
+        train_s.append(stats["train_seconds"])
+        evaluate_s.append(time.perf_counter() - began)
+    train_s, evaluate_s = train_s[1:], evaluate_s[1:]
+    both = [t + e for t, e in zip(train_s, evaluate_s)]
+    return {"train_s": [round(t, 3) for t in train_s], "evaluate_s": [round(t, 3) for t in evaluate_s],
+            "slowest_s": round(max(both), 3), "sum_s": round(sum(both), 3)}
 
 
-def federated_rounds(command: list[str], run_dir: Path) -> dict:
-    """Run one of our federation CLIs; its per-round wall time and bytes, rounds after the first."""
-    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
+def federated_rounds(command: list[str], run_dir: Path, trace_file: Path) -> dict:
+    """Run one of our federation CLIs, traced; its per-round wall time, bytes and per-hop breakdown
+    (``fedmeld.task.trace.hops``), steady rounds (after the first)."""
+    from fedmeld.task import trace
+
+    trace_file.unlink(missing_ok=True)
+    env = {**os.environ, trace.TRACE_ENV: str(trace_file.resolve())}
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, env=env)
     if done.returncode:
         return {"error": f"{' '.join(command[:2])} exited {done.returncode}: {done.stderr[-400:]}"}
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = rounds[1:] or rounds
     return {"round_seconds": [round(r["round_seconds"], 3) for r in rounds],
             "steady_round_s": round(statistics.median(r["round_seconds"] for r in steady), 3),
-            "bytes_up_per_client_round": statistics.median(r["bytes_up"] / r["num_clients_ok"] for r in steady)}
+            "slowest_client_train_s": round(statistics.median(r["slowest_client_train_seconds"] for r in steady), 3),
+            "bytes_up_per_client_round": statistics.median(r["bytes_up"] / r["num_clients_ok"] for r in steady),
+            "hops": trace.hops(trace.read(trace_file))}
 
 
 def federation(overrides: list[str], out: Path) -> dict:
-    """Flower's fixed cost per round around local training (issue 7), both runtimes, one job.
+    """Where a federated round's time goes, both runtimes, one job (8 clients on the one device).
 
-    ``*_overhead_s`` is the issue's figure: steady round wall time minus the slowest client's bare
-    training time. The in-process Grid runs its clients one after another on the one device, so its
-    ``overhead_vs_sum_s`` (round minus the sum of all clients' bare times) is its fixed cost proper.
-    Round wall time includes the clients' validation and the server's test-split evaluation."""
+    ``round_over_slowest`` is the steady round's wall time over the slowest client's bare train +
+    evaluate time: 1.0 would be a round that costs exactly its slowest client's work. The round
+    includes the server's central evaluation of the official validation and test splits and the
+    checkpoint write. ``hops`` says where the rest goes (``fedmeld.task.trace``)."""
     from fedmeld.simulations.scaling import DEFAULTS
 
     stamp = datetime.datetime.now().strftime("%H%M%S")
-    job = [*DEFAULTS, "num-clients=8", "min-clients=8", *overrides, f'out="{out.parent.resolve() / "fed-runs"}"']
+    runs = out.parent.resolve() / "fed-runs"
+    job = [*DEFAULTS, "num-clients=8", "min-clients=8", "num-server-rounds=4", *overrides, f'out="{runs}"']
     n = int(next(o.split("=")[1] for o in reversed(job) if o.startswith("num-clients=")))
-    bare = bare_client_seconds(job)
-    sim = federated_rounds(["fedmeld.simulations.run", "--backend", "inprocess", *job, f'run-name="sim-{stamp}"'],
-                           out.parent / "fed-runs" / f"sim-{stamp}")
-    dep = federated_rounds(["fedmeld.simulations.deploy", "--supernodes", str(n), *job, f'run-name="deploy-{stamp}"'],
-                           out.parent / "fed-runs" / f"deploy-{stamp}")
-    for runtime in (sim, dep):
-        if "steady_round_s" in runtime:
-            runtime["overhead_vs_slowest_s"] = round(runtime["steady_round_s"] - bare["slowest_s"], 3)
-            runtime["overhead_vs_sum_s"] = round(runtime["steady_round_s"] - bare["sum_s"], 3)
-    return {"job": job, "bare_client_train": bare, "simulation": sim, "deployment": dep,
-            "simulation_overhead_s": sim.get("overhead_vs_slowest_s"),
-            "deployment_overhead_s": dep.get("overhead_vs_slowest_s"),
-            "bytes_per_client_round": sim.get("bytes_up_per_client_round")}
+    bare = bare_clients(job)
+    result = {"job": job, "bare_clients": bare}
+    commands = {"simulation": ["fedmeld.simulations.run", "--backend", "inprocess"],
+                "deployment": ["fedmeld.simulations.deploy", "--supernodes", str(n)]}
+    for runtime, command in commands.items():
+        name = f"{runtime}-{stamp}"
+        measured = federated_rounds([*command, *job, f'run-name="{name}"'], runs / name, runs / f"{name}.trace.jsonl")
+        if "steady_round_s" in measured:
+            measured["round_over_slowest"] = round(measured["steady_round_s"] / bare["slowest_s"], 2)
+        result[runtime] = measured
+    return result
 
 
 def environment(args: argparse.Namespace, rows: list[dict]) -> tuple[str, dict]:
@@ -371,20 +474,25 @@ def environment(args: argparse.Namespace, rows: list[dict]) -> tuple[str, dict]:
 
 
 def ratio_table(rows: list[dict]) -> str:
-    """Rows with img/s and peak memory relative to ``full`` of the same model and compile setting."""
-    full = {(r["model"], r["compile"]): r for r in rows if r["mode"] == "full" and "img_per_s" in r}
-    lines = [f"{'model':<24} {'mode':<14} {'compile':<7} {'img/s':>9} {'x full':>7} {'peak GiB':>9} "
-             f"{'x full':>7} {'trainable':>11}"]
+    """Rows with img/s and peak memory relative to ``full`` of the same model, loop and compile
+    setting, and (``x harness``) product rows relative to the eager harness row of their model and mode."""
+    full = {(r["model"], r["loop"], r["compile"]): r for r in rows if r["mode"] == "full" and "img_per_s" in r}
+    harness = {(r["model"], r["mode"]): r for r in rows if r["loop"] == "harness" and r["compile"] == "off"
+               and "img_per_s" in r}
+    lines = [f"{'model':<24} {'mode':<14} {'loop':<8} {'compile':<10} {'img/s':>9} {'x full':>7} {'x harness':>9} "
+             f"{'peak GiB':>9} {'x full':>7} {'trainable':>11}"]
     for r in rows:
+        head = f"{r['model']:<24} {r['mode']:<14} {r['loop']:<8} {r['compile']:<10}"
         if "img_per_s" not in r:
-            lines.append(f"{r['model']:<24} {r['mode']:<14} {str(r['compile']):<7} {r['error']}")
+            lines.append(f"{head} {r['error']}")
             continue
-        base = full.get((r["model"], r["compile"]))
+        base, eager = full.get((r["model"], r["loop"], r["compile"])), harness.get((r["model"], r["mode"]))
         speed = f"{r['img_per_s'] / base['img_per_s']:.2f}" if base else "-"
+        vs_harness = f"{r['img_per_s'] / eager['img_per_s']:.2f}" if eager and r["loop"] == "product" else "-"
         mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and r["peak_gib"] and base["peak_gib"] else "-"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        lines.append(f"{r['model']:<24} {r['mode']:<14} {str(r['compile']):<7} {r['img_per_s']:>9.1f} "
-                     f"{speed:>7} {peak:>9} {mem:>7} {r['trainable']:>11,}")
+        lines.append(f"{head} {r['img_per_s']:>9.1f} {speed:>7} {vs_harness:>9} {peak:>9} {mem:>7} "
+                     f"{r['trainable']:>11,}")
     return "\n".join(lines)
 
 
@@ -403,8 +511,11 @@ def main(argv: list[str] | None = None) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "settings": {k: getattr(args, k) for k in ("batch", "img", "num_classes", "rank", "warmup", "steps",
                                                        "repeats", "device", "compile_mode")}
-                        | {"autocast": "bfloat16", "optimizer": "AdamW (fused on CUDA)",
-                           "memory_format": "channels_last", "data": "synthetic, on the device"},
+                        | {"loops": args.loops, "product_compile": args.product_compile, "data_flag": args.data_flag,
+                           "harness": "bf16 autocast, AdamW (fused on CUDA), channels_last, synthetic data on the "
+                                      "device",
+                           "product": "task/engine.py train (bf16 autocast, the client's optimizer), the data_flag "
+                                      "train split as uint8 28 px resized to img on the device"},
             "rows": rows,
             "data_path": data,
             "federation": fed,

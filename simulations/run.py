@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -102,9 +102,10 @@ def console(run_dir: Path, verbose: bool) -> Iterator[None]:
         to_file.close()
 
 
-def simulate(cfg: RunConfig, backend: str = "ray", verbose: bool = True) -> Path:
-    """Run the apps under Flower's simulation runtime (``ray``) or the in-process Grid; return the
-    run directory. Not ``verbose``: Flower's and Ray's logs go to the run directory's flower.log."""
+def simulate(cfg: RunConfig, backend: str = "ray", verbose: bool = True, devices: Sequence[str] = ()) -> Path:
+    """Run the apps under Flower's simulation runtime (``ray``) or the in-process Grid (with
+    ``devices``: one worker thread per device, clients round-robin); return the run directory.
+    Not ``verbose``: Flower's and Ray's logs go to the run directory's flower.log."""
     import torch
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -117,7 +118,7 @@ def simulate(cfg: RunConfig, backend: str = "ray", verbose: bool = True) -> Path
     run_dir = Path(cfg.resume).expanduser().resolve() if cfg.resume else run_dir_path(cfg.out, cfg.run_name)
     if backend == "inprocess":
         with console(run_dir, verbose):
-            return _simulate_inprocess(cfg)
+            return _simulate_inprocess(cfg, devices)
 
     # run_simulation() hands the ServerApp an empty run config, so this one closes over ours;
     # clients receive it with every instruction, exactly as under `flwr run`.
@@ -143,12 +144,25 @@ def simulate(cfg: RunConfig, backend: str = "ray", verbose: bool = True) -> Path
     return run_dir
 
 
-def _simulate_inprocess(cfg: RunConfig) -> Path:
+def _simulate_inprocess(cfg: RunConfig, devices: Sequence[str] = ()) -> Path:
     from fedmeld.client.app import app as client_app
     from fedmeld.server.app import federate
     from fedmeld.task.flower.inprocess import InProcessGrid
 
-    return federate(InProcessGrid(client_app, cfg.num_clients), cfg)
+    grid = InProcessGrid(client_app, cfg.num_clients, devices)
+    try:
+        return federate(grid, cfg)
+    finally:
+        grid.close()
+
+
+def parse_devices(value: str) -> list[str]:
+    """``--devices``: comma-separated devices, or ``gpus`` for every visible GPU (none: no workers)."""
+    if value.strip() == "gpus":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [d.strip() for d in value.split(",") if d.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                                                             "data-root and device)")
     parser.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
                         help="ray: Flower's simulation runtime (default); inprocess: every client in this "
-                             "process, one after another, no Ray (GPU boxes without Ray, quick runs)")
+                             "process, no Ray (GPU boxes without Ray, quick runs)")
+    parser.add_argument("--devices", type=parse_devices, default=[], metavar="LIST",
+                        help="inprocess backend: one worker thread per device (e.g. cuda:0,cuda:1, or gpus for every "
+                             "visible GPU), client i on worker i mod N (its device), the workers training at once; "
+                             "default: every client in turn on the run config's device")
     parser.add_argument("--verbose", action="store_true",
                         help="print Flower's and Ray's log lines and library warnings on the console (default: "
                              "into RUN_DIR/flower.log, with fedmeld's own progress and summary on the console)")
@@ -180,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.resume or Path(cfg.out) / cfg.run_name)
     print(f"[fedmeld] {run_title(cfg.to_flower())} | {cfg.num_server_rounds} rounds | {args.backend} backend"
           + ("" if args.verbose else f" | Flower's log: {run_dir / LOG_FILE}"), flush=True)
-    print(simulate(cfg, args.backend, args.verbose))
+    if args.devices and args.backend != "inprocess":
+        print("fedmeld run: error: --devices places clients of the in-process backend: add --backend inprocess",
+              file=sys.stderr)
+        return 2
+    print(simulate(cfg, args.backend, args.verbose, args.devices))
     return 0
 
 

@@ -48,6 +48,7 @@ from fedmeld.task.aggregators.mean import weighted_mean
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo
 from fedmeld.task.lte import train_lte
+from fedmeld.task.engine import cpu_rng
 from fedmeld.task.model import build_model, create_backbone, peft_config
 from fedmeld.task.wire import State, nbytes, snapshot
 
@@ -62,9 +63,10 @@ def build_merge_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
         return build_model(cfg, info)
     patterns = [t.strip() for t in cfg.target_modules.split(",") if t.strip()] or None
     besides_lora = "+".join([*(p for p in cfg.peft.split("+") if p != "lora"), "head"])
-    model = apply_peft(create_backbone(cfg, info), replace(peft_config(cfg), method=besides_lora))
-    inject_lte(model, 1, cfg.lora_rank, cfg.lora_alpha, "resetless", patterns or default_target_modules(model),
-               train_rest=False)
+    with cpu_rng(cfg.seed):  # as build_model: init draws from the global RNG, and clients may build in threads
+        model = apply_peft(create_backbone(cfg, info), replace(peft_config(cfg), method=besides_lora))
+        inject_lte(model, 1, cfg.lora_rank, cfg.lora_alpha, "resetless", patterns or default_target_modules(model),
+                   train_rest=False)
     return model
 
 

@@ -23,6 +23,7 @@ from fedmeld.task.plugins import load_plugins
 RESIZE_MODES = ("nearest", "bilinear", "bicubic")  # choices the engine's Inputs takes, too
 AUGMENTS = ("none", "flip", "light")
 PRECISIONS = ("bf16", "fp32")
+COMPILE_MODES = ("off", "default", "cudagraphs")  # the engine's training step: eager, torch.compile, CUDA graph
 MEDMNIST_2D = (
     "pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
@@ -146,6 +147,11 @@ class RunConfig:
                            "with TOML values, e.g. zero_init_last=false,drop_rate=0.1")
     precision: str = _key("bf16", "Compute precision on CUDA: bf16 (autocast) or fp32 (MedMNIST v2's). The CPU "
                           "always computes in fp32.", PRECISIONS)
+    compile: str = _key("off", "Client training step: off (eager), default (torch.compile; compiles once per "
+                        "process, seconds to minutes), or cudagraphs (CUDA only: each local training call captures "
+                        "one full batch's forward and backward as a CUDA graph and replays it, one launch per step, "
+                        "which is what small models at large batches are bound by). Compile time is reported apart "
+                        "(compile_seconds).", COMPILE_MODES)
     pretrained: bool = _key(False, "Load pretrained weights: from `weights` if set, else timm's hub/HF cache "
                             "(set HF_HUB_OFFLINE=1 to use only the cache).")
     weights: str = _key('', "Local weights file (.safetensors/.pth/.bin) for the backbone; implies pretrained. "
@@ -228,9 +234,10 @@ class RunConfig:
                             check=_positive[0], rule=_positive[1])
     round_timeout: int = _key(600, "Seconds the server waits for replies in a round; late clients are dropped.",
                               check=_positive[0], rule=_positive[1])
-    device: str = _key('auto', "Client device: auto (CUDA when present), cpu, cuda or cuda:N.",
-                       check=lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
-                       rule="must be auto, cpu, cuda or cuda:N")
+    device: str = _key('auto', "Client device: auto (CUDA when present), cpu, cuda or cuda:N (cpu:N: the CPU, as "
+                       "worker N of the in-process backend).",
+                       check=lambda v: v in ("auto", "cpu", "cuda") or v.startswith(("cuda:", "cpu:")),
+                       rule="must be auto, cpu, cuda, cuda:N or cpu:N")
     seed: int = _key(0, "Seed for partitioning, model init, client sampling, shuffling and augmentation.")
     select_metric: str = _key("val_auc", "Official validation-split metric that selects the reported round (the "
                               "server evaluates val and test every round; summary.json gives the last and the "

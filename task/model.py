@@ -21,6 +21,7 @@ from fedmeld.peft.hf import AdapterMismatch, load_hf_peft, read_hf_peft
 from fedmeld.peft.lora import matches
 from fedmeld.task.config import ConfigError, RunConfig, model_kwargs, peft_method
 from fedmeld.task.data import TaskInfo
+from fedmeld.task.engine import adamw, cpu_rng
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     """The backbone with the run's adapters applied and everything else frozen; with ``init-adapter``,
     the adapter's tensors come from that Hugging Face peft directory (on every node, so a client's
     own ``local-params`` start from it too)."""
-    model = apply_peft(create_backbone(cfg, info), peft_config(cfg))
+    with cpu_rng(cfg.seed):  # init draws from the global RNG; the in-process backend builds in threads
+        model = apply_peft(create_backbone(cfg, info), peft_config(cfg))
     if cfg.init_adapter:
         load_init_adapter(model, cfg)
     return model
@@ -159,8 +161,7 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "galore-adamw":
         groups = galore_param_groups(model, cfg.galore_rank, cfg.galore_update_gap, cfg.galore_scale)
         return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                             weight_decay=cfg.weight_decay)
+    return adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
 
 
 def timm_model(cfg: RunConfig, info: TaskInfo, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:

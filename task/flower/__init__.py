@@ -9,8 +9,9 @@ everywhere; what is *not* public lives only here, written against the Flower ver
   ``flower-supernode`` with those caps.
 - ``executor``: a long-lived ClientApp executor on a SuperNode's Runtime API (``--isolation process``),
   built from ``flwr.supernode.runtime.run_clientapp``'s steps.
-- ``inprocess``: a Grid that hands messages to the ClientApp in this process, and the
-  ``TaskIdentity`` a runtime would set.
+- ``inprocess``: a Grid that hands messages to the ClientApp in this process (in one thread, or one
+  worker thread per device), and the ``TaskIdentity`` a runtime would set.
+- ``tracing``: the ServerApp's push and reply events of the hop trace (``fedmeld.task.trace``).
 
 ``tests/task/test_flower.py`` has a test per internal name used here; after a Flower upgrade, run
 it first. Each entry point calls ``require_supported`` before touching an internal.
@@ -45,7 +46,8 @@ def _next(minor: str) -> str:
     return f"{major}.{int(low) + 1}"
 
 
+from .tracing import trace_grid  # noqa: E402
 from .waits import shorten_grid_waits, shorten_waits  # noqa: E402  (needs require_supported)
 
 __all__ = ["SUPPORTED", "UnsupportedFlower", "flower_version", "require_supported", "shorten_grid_waits",
-           "shorten_waits"]
+           "shorten_waits", "trace_grid"]

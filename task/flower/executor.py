@@ -83,7 +83,10 @@ from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from fedmeld.task import trace
+
 from . import require_supported
+from .waits import POLL_SECONDS
 
 INPUT_WAIT_SECONDS = 30.0  # then Flower's own retries (or its error) take over
 R, S = TypeVar("R"), TypeVar("S")
@@ -168,9 +171,12 @@ def run_task(address: str, certificates: bytes | None, insecure: bool, token: st
     message: Message | None = None
     context: Context | None = None
     reply: Message | None = None
+    got_input = app_done = 0.0  # wall-clock, for the trace
     try:
         message, context, run, fab = pull_task_input(client)
+        got_input = time.time()
         reply = app(run, fab)(message=message, context=context)
+        app_done = time.time()
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # pylint: disable=broad-exception-caught
         code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError)
@@ -188,6 +194,9 @@ def run_task(address: str, certificates: bytes | None, insecure: bool, token: st
     except Exception as ex:  # pylint: disable=broad-exception-caught
         log(ERROR, "Failed to push the reply message", exc_info=ex)
         sub_status, details = SubStatus.FAILED, f"pushing the reply failed: {ex}"
+    if message is not None and app_done:
+        trace.record("client", type=message.metadata.message_type, node=message.metadata.dst_node_id,
+                     created=message.metadata.created_at, input=got_input, app_done=app_done)
     push_task_output(client=client, context=context, sub_status=sub_status, details=details)  # logs its errors
     client.close()
     log(INFO, "%s task %s in %.1f s", message.metadata.message_type if message else "unknown", sub_status,
@@ -229,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (a SuperNode "
                                                                 "started without --ssl-certfile)")
     parser.add_argument("--root-certificates", metavar="CA.pem", help="CA that signed the Runtime API's certificate")
-    parser.add_argument("--poll-interval", type=float, default=0.2, metavar="SECONDS",
-                        help="wait between asks for a pending task when there was none; default 0.2")
+    parser.add_argument("--poll-interval", type=float, default=POLL_SECONDS, metavar="SECONDS",
+                        help=f"wait between asks for a pending task when there was none; default {POLL_SECONDS}")
     add_superexec_auth_secret_args(parser)  # the same file as the SuperNode's --superexec-auth-secret-file
     args = parser.parse_args(argv)
     require_supported("fedmeld executor")

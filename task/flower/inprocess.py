@@ -2,22 +2,34 @@
 
 Flower's simulation runtime needs Ray, which cannot be installed everywhere (our GPU boxes have
 no network and no Ray wheel that matches), and pays seconds per run for actors and process
-start-up. This Grid runs the same ServerApp code and the same ClientApp handlers, one node after
-another in one process, with one persistent ``Context`` per node (so ``context.state`` behaves as
-on a SuperNode). A handler that raises becomes an error reply, as Flower makes it.
+start-up. This Grid runs the same ServerApp code and the same ClientApp handlers in one process,
+with one persistent ``Context`` per node (so ``context.state`` behaves as on a SuperNode). A handler
+that raises becomes an error reply, as Flower makes it.
+
+Placement: without ``devices``, every node runs in the calling thread, one after another, on the
+run config's device. With ``devices`` (e.g. ``cuda:0,cuda:1``), there is one worker thread per
+device and node ``i`` lives on worker ``i mod len(devices)`` (its node config says ``device``, as a
+SuperNode's ``--node-config`` would): the workers train their nodes concurrently, each worker's
+nodes one after another. A client's results do not depend on which worker or in which order it
+ran (``task/engine.py`` seeds every call; model init holds the CPU RNG), so one worker and several
+give the same run. ``cpu:N`` names the CPU as worker N (tests: several workers without GPUs).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedmeld.task import trace
 
 from . import require_supported
 
@@ -30,19 +42,24 @@ def set_task_identity(run_id: int = 1) -> None:
 
 
 class InProcessGrid(Grid):
-    """``num_nodes`` virtual SuperNodes with node configs ``partition-id=i num-partitions=N``."""
+    """``num_nodes`` virtual SuperNodes with node configs ``partition-id=i num-partitions=N`` (and
+    ``device``, with ``devices``: one worker thread per device, see the module docstring)."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, devices: Sequence[str] = ()) -> None:
         set_task_identity()
         self.client_app = client_app
+        self.devices = list(devices)
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config={},
-                              node_config={"partition-id": i, "num-partitions": num_nodes})
+                              node_config={"partition-id": i, "num-partitions": num_nodes,
+                                           **({"device": self.devices[i % len(self.devices)]} if self.devices else {})})
             for i in range(num_nodes)
         }
-        self.replies: dict[str, Message] = {}
+        self.workers = [ThreadPoolExecutor(1, thread_name_prefix=f"fedmeld-worker-{d}") for d in self.devices]
+        self.replies: dict[str, Message | Future[Message]] = {}
         self._ids = itertools.count()
         self._run = None
+        self.traced = True  # records its own trace events (task/flower/tracing.py leaves it alone)
 
     def set_run(self, run) -> None:
         self._run = run
@@ -59,20 +76,56 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
+        """Hand every message to its node: at once in this thread, or queued on its node's worker."""
+        began, ids, types = time.time(), [], set()
         for message in messages:
             ids.append(str(next(self._ids)))
-            self.replies[ids[-1]] = self._deliver(message)
+            types.add(message.metadata.message_type)
+            if self.workers:
+                worker = self.workers[(message.metadata.dst_node_id - 1000) % len(self.workers)]
+                self.replies[ids[-1]] = worker.submit(self._deliver, message)
+            else:
+                self.replies[ids[-1]] = self._deliver(message)
+        for kind in types:
+            trace.record("push", type=kind, t0=began, messages=len(ids))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+        """The replies that are ready, each handed out once."""
+        ready = [i for i in message_ids if i in self.replies and _done(self.replies[i])]
+        replies = [_result(self.replies.pop(i)) for i in ready]
+        for reply in replies:
+            trace.record("reply", type=reply.metadata.message_type, node=reply.metadata.src_node_id,
+                         created=reply.metadata.created_at)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Push, then wait up to ``timeout`` seconds for the replies; a node still working then has
+        none this time (as a late SuperNode)."""
+        ids = list(self.push_messages(messages))
+        wait([r for i in ids if isinstance(r := self.replies.get(i), Future)], timeout=timeout)
+        return self.pull_messages(ids)
+
+    def close(self) -> None:
+        """Stop the workers after the nodes they are running."""
+        for worker in self.workers:
+            worker.shutdown(wait=True)
 
     def _deliver(self, message: Message) -> Message:
+        began, context = time.time(), self.contexts[message.metadata.dst_node_id]
         try:
-            return self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            reply = self.client_app(message, context)
         except Exception:  # noqa: BLE001 -- a failing client is a reply, not a crash of the federation
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, traceback.format_exc()), reply_to=message)
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, traceback.format_exc()), reply_to=message)
+        trace.record("client", type=message.metadata.message_type, node=message.metadata.dst_node_id,
+                     device=context.node_config.get("device"), created=message.metadata.created_at, input=began,
+                     app_done=time.time())
+        return reply
+
+
+def _done(reply: Message | Future[Message]) -> bool:
+    return not isinstance(reply, Future) or reply.done()
+
+
+def _result(reply: Message | Future[Message]) -> Message:
+    return reply.result() if isinstance(reply, Future) else reply

@@ -14,14 +14,15 @@ import sys
 from flwr.supernode import start_client_internal as supernode_loop
 from flwr.supernode.cli import flower_supernode
 
-from .waits import shorten_waits
+from .waits import POLL_SECONDS, shorten_waits
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedmeld supernode", add_help=False, allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sleep-cap", type=float, default=0.2, metavar="SECONDS",
-                        help="longest sleep of the SuperNode loop (Flower: 3 s idle, 0.5 s reply polls); default 0.2")
+    parser.add_argument("--sleep-cap", type=float, default=POLL_SECONDS, metavar="SECONDS",
+                        help="longest sleep of the SuperNode loop (Flower: 3 s idle, 0.5 s reply polls); "
+                             f"default {POLL_SECONDS}")
     ours, flower_args = parser.parse_known_args(argv)
     if {"-h", "--help"} & set(flower_args):
         parser.print_help()

@@ -21,7 +21,14 @@ from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from . import require_supported
 
 PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 1.0}  # Flower's: 1 s doubling up to 10 s
-GRID_SLEEP_CAP = 0.2  # seconds; the deployment Grid sleeps 3 s between polls for replies
+# Seconds between polls wherever a hop polls: the SuperNode for messages and for its ClientApp's reply
+# (`fedmeld supernode --sleep-cap`), the executor for tasks (`fedmeld executor --poll-interval`) and the
+# ServerApp's Grid for replies. A message waits on average half of it at each of these hops. Traced on the
+# H200 (simulations/results/bench_h200_2026-12-01_federation.json, run at 0.05 s) a steady round's hops
+# are bound by moving the 2.4 MB messages through the SuperLink, not by these waits, and that round took
+# twice the 0.2 s figure of the same day: 0.2 s stays until an A/B says otherwise.
+POLL_SECONDS = 0.2
+GRID_SLEEP_CAP = POLL_SECONDS  # the deployment Grid itself sleeps 3 s between polls for replies
 
 
 class CappedSleep:

@@ -63,3 +63,53 @@ def test_augmentation_follows_its_seed_and_changes_the_images(augment):
     assert 0 < sum(changed) <= 16 and torch.equal(inputs(images, cpu), plain)  # evaluation: never augmented
     if augment == "flip":  # each image is itself or its mirror image
         assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(first, plain))
+
+
+def _pico(seed: int = 0):
+    """A random-init vit_pico (fedmeld's CPU-sized ViT) with LoRA, dropout on its side path."""
+    cfg = RunConfig.from_mapping({"model": "vit_pico_patch4_28", "peft": "lora", "lora-dropout": 0.2, "seed": seed})
+    return build_model(cfg, task_info("breastmnist"))
+
+
+def test_clients_training_in_threads_compute_what_they_compute_alone(medmnist_root):
+    """The in-process backend trains clients in worker threads, and model init and CPU training draw
+    from the process's global RNG: two trainings (dropout on) and a model build running at once give
+    the same models and stats as one after another."""
+    import threading
+
+    info = task_info("breastmnist")
+    data = load_split("breastmnist", "train", data_root=str(medmnist_root)).subset(np.arange(48))
+
+    def run(seed: int, out: dict) -> None:
+        model = _pico()
+        stats = train(model, data, info, epochs=1, batch_size=16, lr=0.01, weight_decay=0.0,
+                      device=pick_device("cpu"), seed=seed, inputs=Inputs(augment="light"))
+        out[seed] = (stats["train_loss"], stats["train_accuracy"], adapter_state(model), adapter_state(_pico(seed)))
+
+    alone: dict = {}
+    for seed in (1, 2):
+        run(seed, alone)
+    together: dict = {}
+    threads = [threading.Thread(target=run, args=(seed, together)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in (1, 2):
+        (*stats_a, state_a, init_a), (*stats_b, state_b, init_b) = alone[seed], together[seed]
+        assert stats_a == stats_b
+        assert all(torch.equal(state_a[k], state_b[k]) and torch.equal(init_a[k], init_b[k]) for k in state_a)
+    assert alone[1][0] != alone[2][0]  # the seed matters: the comparison above is not vacuous
+
+
+def test_training_reports_compile_time_and_refuses_cuda_graphs_on_the_cpu(medmnist_root):
+    info = task_info("breastmnist")
+    data = load_split("breastmnist", "train", data_root=str(medmnist_root)).subset(np.arange(40))
+    model, cpu = _pico(), pick_device("cpu")
+    stats = train(model, data, info, epochs=1, batch_size=16, lr=0.01, weight_decay=0.0, device=cpu, seed=0)
+    assert stats["compile_seconds"] == 0.0 and stats["samples_seen"] == 40
+    assert 0 < stats["train_loss"] and 0 <= stats["train_accuracy"] <= 1
+    assert all(p.grad is None for p in model.parameters())  # gradients are freed after the call
+    with pytest.raises(ValueError, match="compile=cudagraphs needs a CUDA device"):
+        train(model, data, info, epochs=1, batch_size=16, lr=0.01, weight_decay=0.0, device=cpu, seed=0,
+              compile_mode="cudagraphs")
