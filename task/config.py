@@ -145,6 +145,9 @@ class RunConfig:
                            "values, e.g. zero_init_last=false (torchvision's ResNet init) or drop_path_rate=0.1.",
                            check=lambda v: model_kwargs(v) is not None, rule="must be comma-separated key=value "
                            "with TOML values, e.g. zero_init_last=false,drop_rate=0.1")
+    init: str = _key("timm", "How a random backbone is initialised: timm (the model's own init) or torch (every layer "
+                     "as PyTorch constructs it, reset_parameters(): the CIFAR-style ResNets of MedMNIST v2's (28) "
+                     "rows set no init of their own). Not with pretrained weights.", ("timm", "torch"))
     precision: str = _key("bf16", "Compute precision on CUDA: bf16 (autocast) or fp32 (MedMNIST v2's). The CPU "
                           "always computes in fp32.", PRECISIONS)
     compile: str = _key("off", "Client training step: off (eager), default (torch.compile; compiles once per "
@@ -287,6 +290,9 @@ class RunConfig:
     def _check_combinations(self) -> None:
         """Keys that are valid alone but not together; each message says what to change."""
         parts, rule = set(self.peft.split("+")), self.aggregator
+        if self.init == "torch" and (self.pretrained or self.weights):
+            raise ConfigError("init=torch re-initialises the backbone, which would discard the pretrained weights: "
+                              "set init=timm, or pretrained=false and weights=\"\"")
         if rule.needs_lora and "lora" not in parts:
             raise ConfigError(f"aggregation={self.aggregation} needs LoRA: set peft to lora, lora+norm, ... "
                               f"(got peft={self.peft!r})")

@@ -91,7 +91,19 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
         raise
     if cfg.stem == "small":
         small_stem(model, keep_weights=bool(kwargs["pretrained"]))
+    if cfg.init == "torch":
+        torch_default_init(model)
     return model
+
+
+@torch.no_grad()
+def torch_default_init(model: nn.Module) -> None:
+    """Every conv, linear and norm layer as PyTorch constructs it (``init=torch``), instead of
+    timm's init (Kaiming-normal convs, zeroed last BatchNorms, truncated-normal ViT weights). Seeded
+    like any random init: the caller's RNG state decides the draw."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+            module.reset_parameters()
 
 
 def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:

@@ -130,3 +130,20 @@ def test_model_args_reach_timm_and_bad_ones_are_refused():
     assert not timm_init.layer1[0].bn2.weight.any() and tv_init.layer1[0].bn2.weight.eq(1).all()
     with pytest.raises(ConfigError, match="'model-args': must be comma-separated key=value"):
         RunConfig.from_mapping({"model-args": "zero_init_last"})
+
+
+def test_torch_init_draws_every_layer_as_pytorch_constructs_it():
+    """init=torch: the CIFAR-style ResNets of MedMNIST v2's (28) rows keep PyTorch's defaults; timm
+    zero-initialises each block's last BatchNorm and draws convs Kaiming-normal (fan-out)."""
+    info = task_info("breastmnist")
+    timm_init = create_backbone(RunConfig.from_mapping({"model": "resnet18", "stem": "small"}), info)
+    torch_init = create_backbone(RunConfig.from_mapping({"model": "resnet18", "stem": "small", "init": "torch"}), info)
+    again = create_backbone(RunConfig.from_mapping({"model": "resnet18", "stem": "small", "init": "torch"}), info)
+    assert torch.equal(torch_init.layer2[0].conv1.weight, again.layer2[0].conv1.weight)  # seeded
+    assert (timm_init.layer1[0].bn2.weight == 0).all() and (torch_init.layer1[0].bn2.weight == 1).all()
+    conv = torch_init.layer2[0].conv1.weight  # PyTorch: uniform within 1/sqrt(fan_in)
+    bound = conv[0].numel() ** -0.5
+    assert conv.abs().max() <= bound and conv.abs().max() > 0.95 * bound
+    assert timm_init.layer2[0].conv1.weight.abs().max() > bound  # timm's Kaiming-normal reaches past it
+    with pytest.raises(ConfigError, match="init=torch re-initialises the backbone"):
+        RunConfig.from_mapping({"init": "torch", "pretrained": True})
