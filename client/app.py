@@ -21,6 +21,7 @@ from fedmeld.client import backbone_merge, delta
 from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import Split, load_split
 from fedmeld.task.partition import partition, train_val_split
+from fedmeld.task.privacy import DPSettings
 
 app = ClientApp()
 NODE_KEYS = ("data-root", "device")  # node-config keys that override the server's run config
@@ -57,8 +58,16 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def query_handler(msg: Message, context: Context) -> Message:
     """Which shard this node holds, of how many. Node ids differ from run to run (simulation and
     deployment draw them), partitions do not: the server samples and orders clients by partition,
-    and refuses a federation whose partition count is not its num-clients."""
+    and refuses a federation whose partition count is not its num-clients. Under DP-SGD the query
+    carries the run config and the node also declares its per-round DP plan (sample rate, steps,
+    noise multiplier, from its shard's size), which the server's budget check needs before round 1."""
     held = {"partition-id": _partition_id(context), "num-partitions": _num_partitions(context)}
+    if "config" in msg.content.config_records:
+        cfg = run_config(msg, context)
+        settings = DPSettings.of(cfg)
+        if settings is not None:
+            shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
+            held |= settings.plan(len(shard.train), cfg.batch_size, cfg.local_epochs).metrics()
     return Message(RecordDict({"metrics": MetricRecord(held)}), reply_to=msg)
 
 

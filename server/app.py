@@ -8,6 +8,7 @@ how replies combine is the run's protocol (``RunConfig.protocol``): ``server/del
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -17,11 +18,13 @@ from fedmeld.server.backbone_merge import BackboneMergeProtocol
 from fedmeld.server.checkpoint import Checkpoint
 from fedmeld.server.delta import DeltaProtocol
 from fedmeld.server.evaluation import CentralEvaluation
-from fedmeld.server.strategy import FedmeldStrategy
+from fedmeld.server.strategy import BudgetSpent, FedmeldStrategy, PrivacyBudget
 from fedmeld.task.config import RunConfig
 from fedmeld.task.flower import shorten_grid_waits, trace_grid
+from fedmeld.task.privacy import ClientDP, Ledger, check_model
 
 app = ServerApp()
+log = logging.getLogger(__name__)
 PROTOCOLS = {"delta": DeltaProtocol, "backbone-merge": BackboneMergeProtocol}
 
 
@@ -45,10 +48,19 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     protocol = kind.for_run(cfg, model)
     if checkpoint is not None:
         protocol.restore(checkpoint.parts["global"], checkpoint.parts["protocol"], checkpoint.protocol_meta)
+    ledger = Ledger(checkpoint.privacy if checkpoint else None)  # DP: what every client has spent so far
+    if cfg.dp_clip:
+        check_model(model)  # the clients' model: BatchNorm statistics must not train under DP-SGD
+    if cfg.client_dp_clip:  # the config allows it only with fedavg/ffa, whose rule it replaces
+        protocol.rule = ClientDP.of(cfg, ledger)
+    if (cfg.dp_clip or cfg.client_dp_clip) and not cfg.dp_secure_rng:
+        log.warning("DP noise is drawn from the run's seed, which every node knows: fine for experiments, no "
+                    "protection in a deployment; set dp-secure-rng=true there")
     strategy = FedmeldStrategy(protocol, min_replies=min(cfg.min_clients, cfg.num_clients), seed=cfg.seed,
                                round_offset=done, num_partitions=cfg.num_clients, fraction_train=cfg.fraction_train,
                                fraction_evaluate=cfg.fraction_train, min_train_nodes=1, min_evaluate_nodes=1,
-                               min_available_nodes=min(cfg.min_clients, cfg.num_clients))
+                               min_available_nodes=min(cfg.min_clients, cfg.num_clients),
+                               budget=PrivacyBudget.of(cfg, ledger))
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         server_round += done
@@ -60,12 +72,16 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
             extra, meta = protocol.extra_state()
             Checkpoint(server_round, cfg.to_flower(), central.recorder.initial, meta,
                        {"global": protocol.global_state(), "protocol": extra,
-                        "selected": central.selected}).save(central.recorder.run_dir)
+                        "selected": central.selected}, ledger.to_json()).save(central.recorder.run_dir)
         return metrics
 
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout,
-                   train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
-                   evaluate_fn=central_evaluate)
+    try:
+        strategy.start(grid, ArrayRecord(), num_rounds=cfg.num_server_rounds - done, timeout=cfg.round_timeout,
+                       train_config=ConfigRecord(cfg.to_flower()), evaluate_config=ConfigRecord(cfg.to_flower()),
+                       evaluate_fn=central_evaluate)
+    except BudgetSpent as spent:  # raised before the round's instructions go out: rounds so far stand
+        log.warning("%s", spent)
+        print(f"[fedmeld] privacy budget: {spent}", flush=True)
     last = protocol.export_state(model)
     selected = protocol.export_state(model, central.selected) if central.selected else None
     return central.finish(model, last, protocol.global_state(), selected)

@@ -7,14 +7,15 @@ temporary file renamed into place): the protocol's global state (``global/``), i
 metadata the round, the run config, the round-0 metrics and the protocol's bookkeeping. Client
 sampling and every client's randomness derive from (seed, round, partition), so a resumed run
 computes what the uninterrupted run computes; ``metrics.jsonl`` is cut back to the checkpoint's
-round. Set ``resume`` (``fedmeld run --resume RUN_DIR``, or ``resume="/abs/RUN_DIR"`` in the run
+round. The DP ledger (``privacy``: every client's history of noise, sample rate and steps) is
+in the metadata too, so a resumed run keeps the privacy it has spent. Set ``resume`` (``fedmeld run --resume RUN_DIR``, or ``resume="/abs/RUN_DIR"`` in the run
 config of a deployment) to continue.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,13 @@ class Checkpoint:
     initial: dict[str, float]  # round 0's metrics
     protocol_meta: dict[str, Any]
     parts: dict[str, dict[str, torch.Tensor]]  # "global" / "protocol" / "selected" -> state
+    privacy: dict[str, list] = field(default_factory=dict)  # the DP ledger's histories (task/privacy.Ledger)
 
     def save(self, run_dir: Path) -> None:
         tensors = {f"{part}/{k}": v.detach().cpu().contiguous() for part, state in self.parts.items()
                    for k, v in state.items()}
         meta = {"round": str(self.round), "config": json.dumps(self.config), "initial": json.dumps(self.initial),
-                "protocol": json.dumps(self.protocol_meta)}
+                "protocol": json.dumps(self.protocol_meta), "privacy": json.dumps(self.privacy)}
         atomic_write(run_dir / FILE, lambda p: save_file(tensors, str(p), metadata=meta))
 
     @classmethod
@@ -57,12 +59,13 @@ class Checkpoint:
             with safe_open(str(path), "pt") as f:
                 header = f.metadata()
             meta = {"round": int(header["round"]), "config": json.loads(header["config"]),
-                    "initial": json.loads(header["initial"]), "protocol": json.loads(header["protocol"])}
+                    "initial": json.loads(header["initial"]), "protocol": json.loads(header["protocol"]),
+                    "privacy": json.loads(header.get("privacy", "{}"))}
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"resume: {path} is corrupt or partial ({type(err).__name__}: {err}); nothing was "
                               f"changed. Restore it from a backup or start the run afresh") from None
         parts = {p.rstrip("/"): {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for p in PART}
-        return cls(meta["round"], meta["config"], meta["initial"], meta["protocol"], parts)
+        return cls(meta["round"], meta["config"], meta["initial"], meta["protocol"], parts, meta["privacy"])
 
     def check(self, cfg: RunConfig) -> None:
         """Refuse to continue a run with a different config: the result would be neither run."""

@@ -16,7 +16,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -28,6 +28,7 @@ from torch import nn
 from fedmeld.peft import merged_state_dict
 from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import TaskInfo
+from fedmeld.task.privacy import CLIENTS, DPPlan, Ledger
 from fedmeld.task.wire import State, pack, payload_bytes, snapshot, unpack
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,71 @@ ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "partition
 
 class BadReply(ValueError):
     """A train reply that cannot be aggregated; the message says why."""
+
+
+class BudgetSpent(RuntimeError):
+    """The next round would take a client past ``dp-max-epsilon``: the run stops before it."""
+
+
+@dataclass
+class PrivacyBudget:
+    """The server's side of DP: the ledger it owns, the plans nodes declare, the cap it enforces.
+
+    The server, not the client, keeps each client's history: a client may be a fresh process every
+    round (simulation) or restart (deployment), while the server sees every round, checkpoints the
+    ledger and so keeps it across a resume. It charges every node it sent a train instruction,
+    with the (sigma, q, steps) its reply reports or, without a usable reply, the plan the node
+    declared when first queried (a node that sent nothing may still have trained): ε is
+    overestimated rather than missed."""
+
+    ledger: Ledger
+    delta: float
+    max_epsilon: float  # 0: no cap
+    query: ConfigRecord | None  # DP-SGD: the run config, sent with the partition query so nodes declare plans
+    client_level: DPPlan | None  # one release of client-level DP, charged by the rule (task/privacy.ClientDP)
+    plans: dict[int, DPPlan] = field(default_factory=dict)  # partition id -> declared per-round DP-SGD plan
+
+    @classmethod
+    def of(cls, cfg: RunConfig, ledger: Ledger) -> PrivacyBudget | None:
+        """The run's budget, or None without DP."""
+        if not (cfg.dp_clip or cfg.client_dp_clip):
+            return None
+        return cls(ledger, cfg.dp_delta, cfg.dp_max_epsilon, ConfigRecord(cfg.to_flower()) if cfg.dp_clip else None,
+                   DPPlan(1.0, 1, cfg.client_dp_noise) if cfg.client_dp_clip else None)
+
+    def check(self, server_round: int, partitions: list[int]) -> None:
+        """Raise BudgetSpent if the round, with these partitions sampled, would exceed the cap."""
+        if not self.max_epsilon:
+            return
+        after = {f"client {p}": self.ledger.epsilon(str(p), self.delta, self.plans[p])
+                 for p in partitions if self.query is not None and p in self.plans}
+        if self.client_level is not None:
+            after["client-level DP"] = self.ledger.epsilon(CLIENTS, self.delta, self.client_level)
+        over = {who: eps for who, eps in after.items() if eps > self.max_epsilon}
+        if over:
+            raise BudgetSpent(f"round {server_round} would exceed dp-max-epsilon {self.max_epsilon:g} at dp-delta "
+                              f"{self.delta:g} (" + ", ".join(f"{w}: epsilon {e:.3f}" for w, e in over.items())
+                              + f"); the run stops after round {server_round - 1}")
+
+    def charge(self, partitions: dict[int, DPPlan | None]) -> None:
+        """DP-SGD: charge each sampled partition its reported plan, else its declared one."""
+        if self.query is None:
+            return
+        for pid, reported in partitions.items():
+            plan = reported or self.plans.get(pid)
+            if plan is None:
+                log.warning("DP ledger: partition %d neither reported nor declared a DP plan; not charged", pid)
+                continue
+            self.ledger.charge(str(pid), plan)
+
+    def stats(self) -> dict[str, float]:
+        """What metrics.jsonl records: the largest client ε so far (DP-SGD), client-level ε, delta."""
+        out = {"dp_delta": self.delta}
+        if self.query is not None:
+            out["dp_epsilon"] = self.ledger.max_epsilon(self.delta)
+        if self.client_level is not None:
+            out["client_dp_epsilon"] = self.ledger.epsilon(CLIENTS, self.delta)
+        return out
 
 
 @dataclass(frozen=True)
@@ -175,7 +241,7 @@ class FedmeldStrategy(FedAvg):
     """FedAvg's sampling and messaging around a ``Protocol``, with bad replies dropped."""
 
     def __init__(self, protocol: Protocol, min_replies: int = 1, seed: int = 0, round_offset: int = 0,
-                 num_partitions: int | None = None, **kwargs) -> None:
+                 num_partitions: int | None = None, budget: PrivacyBudget | None = None, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.protocol = protocol
         self.round_offset = round_offset  # a resumed run: Flower counts from 1 again, we continue
@@ -185,6 +251,7 @@ class FedmeldStrategy(FedAvg):
         self._sampled: dict[int, list[int]] = {}  # round -> nodes sent a train instruction
         self._partitions: dict[int, int] = {}  # node id -> partition id, as the node reported it
         self.num_partitions = num_partitions  # what the run config says; nodes that disagree end the run
+        self.budget = budget  # DP: the ledger and the dp-max-epsilon check
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, min_nodes: int,
                   message_type: str) -> list[Message]:
@@ -199,6 +266,8 @@ class FedmeldStrategy(FedAvg):
         order = sorted(available, key=lambda node: (self._partitions[node], node))
         rng = random.Random(f"{self.seed}/{server_round}/{message_type}")
         node_ids = sorted(rng.sample(order, min(sample_size, len(order))), key=order.index)
+        if self.budget is not None and message_type == MessageType.TRAIN:
+            self.budget.check(server_round, [self._partitions[n] for n in node_ids])
         config = ConfigRecord({**config, "server-round": server_round})
         stats = self.round_stats.setdefault(server_round, {
             "round_start": time.perf_counter(), **dict.fromkeys(ROUND_STATS, math.nan),
@@ -221,16 +290,20 @@ class FedmeldStrategy(FedAvg):
         """Ask nodes not seen before for their partition id (one query message each, all at once);
         a node that cannot say counts as -1. A node whose data is split into another number of
         partitions than the run's ``num-clients`` ends the run: its shard is not the one the run
-        config describes (``flwr run .`` simulates 2 SuperNodes unless told otherwise)."""
+        config describes (``flwr run .`` simulates 2 SuperNodes unless told otherwise). Under DP-SGD
+        the query carries the run config and each node declares its per-round DP plan."""
         new = [n for n in nodes if n not in self._partitions]
         if not new:
             return
-        replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+        query = RecordDict({"config": self.budget.query} if self.budget and self.budget.query else {})
+        replies = grid.send_and_receive([Message(query, message_type=MessageType.QUERY, dst_node_id=n)
                                          for n in new], timeout=60)
         for reply in replies:
             if not reply.has_error() and "metrics" in reply.content.metric_records:
                 metrics = reply.content["metrics"]
                 self._partitions[reply.metadata.src_node_id] = int(metrics.get("partition-id", -1))
+                if self.budget is not None and (plan := DPPlan.from_metrics(metrics)) is not None:
+                    self.budget.plans[int(metrics.get("partition-id", -1))] = plan
                 split = int(metrics.get("num-partitions", -1))
                 if self.num_partitions is not None and split not in (-1, self.num_partitions):
                     raise ConfigError(
@@ -262,10 +335,16 @@ class FedmeldStrategy(FedAvg):
         good: list[tuple[Message, Reply]] = []
         failed: dict[int, str] = {}  # node -> why its reply is not used
         answered = set()
+        reported: dict[int, DPPlan | None] = {}  # node -> the DP-SGD round its reply reports
         for msg in replies:
             answered.add(msg.metadata.src_node_id)
+            if not msg.has_error() and "metrics" in msg.content.metric_records:
+                reported[msg.metadata.src_node_id] = DPPlan.from_metrics(msg.content["metrics"])
             try:
-                good.append((msg, parse_reply(msg, self.protocol)))
+                reply = parse_reply(msg, self.protocol)
+                if self.budget and self.budget.query and reported.get(reply.node_id) is None:
+                    raise BadReply("no DP-SGD report (dp_sample_rate, dp_steps, dp_noise_multiplier) under dp-clip")
+                good.append((msg, reply))
             except BadReply as bad:
                 failed[msg.metadata.src_node_id] = str(bad)
                 log.warning("round %d: rejected reply from node %d: %s", server_round, msg.metadata.src_node_id, bad)
@@ -280,6 +359,9 @@ class FedmeldStrategy(FedAvg):
         for node in failed:
             self.protocol.node_failed(node)
         stats["bytes_up"] = sum(payload_bytes(m.content["arrays"]) for m, _ in good)
+        if self.budget is not None:  # every sampled node has spent, whether its reply is used or not
+            self.budget.charge({self._partitions.get(n, -1): reported.get(n) for n in self._sampled[server_round]})
+            stats.update(self.budget.stats())
         good.sort(key=lambda pair: _order(pair[0]))  # aggregate in a fixed order: float sums depend on it
         if len(good) < self.min_replies:
             log.warning("round %d: %d usable replies, fewer than min-clients %d; the global model is unchanged",
@@ -287,6 +369,8 @@ class FedmeldStrategy(FedAvg):
             return None, None
         self.protocol.aggregate([r for _, r in good])
         stats["applied"] = True
+        if self.budget is not None:  # client-level DP charged its release while aggregating
+            stats.update(self.budget.stats())
         metrics = self.train_metrics_aggr_fn([m.content for m, _ in good], WEIGHT_KEY)
         stats["train_loss"] = float(metrics.get("train_loss", math.nan))
         stats.update(client_speed([r.metrics for _, r in good]))

@@ -227,6 +227,28 @@ class RunConfig:
                              check=_positive[0], rule=_positive[1])
     proximal_mu: float = _key(0.0, "FedProx: weight of (mu/2)·||w - w_global||² in each client's loss; 0 = off.",
                               check=_non_negative[0], rule=_non_negative[1])
+    dp_clip: float = _key(0.0, "DP-SGD (task/privacy.py): clip each example's gradient of the trainable adapters to "
+                          "this L2 norm, with Poisson-sampled batches and Gaussian noise (dp-noise or dp-epsilon); "
+                          "0: off. Needs peft of lora, norm, head and, with BatchNorm, bn-stats=frozen.",
+                          check=_non_negative[0], rule=_non_negative[1])
+    dp_noise: float = _key(0.0, "DP-SGD noise multiplier sigma: noise std = sigma x dp-clip (0 with dp-clip: clipping "
+                           "only, epsilon infinite).", check=_non_negative[0], rule=_non_negative[1])
+    dp_epsilon: float = _key(0.0, "DP-SGD target epsilon: each client's sigma is computed (Opacus) so that taking part "
+                             "in all num-server-rounds spends at most this at dp-delta; 0: use dp-noise.",
+                             check=_non_negative[0], rule=_non_negative[1])
+    dp_delta: float = _key(1e-5, "delta of every reported (epsilon, delta); keep it well below 1 / (examples per "
+                           "client).", check=lambda v: 0 < v < 1, rule="must be in (0, 1)")
+    dp_max_epsilon: float = _key(0.0, "Privacy budget: the run stops cleanly before a round after which any client's "
+                                 "epsilon (or client-level DP's) would exceed it, and exports as usual; 0: no cap.",
+                                 check=_non_negative[0], rule=_non_negative[1])
+    dp_secure_rng: bool = _key(False, "Draw DP noise and Poisson samples from the OS's cryptographically secure "
+                               "generator. Off (default), they come from `seed`, which every node knows: "
+                               "reproducible, but no protection against a party that knows the seed.")
+    client_dp_clip: float = _key(0.0, "Client-level DP on the server (fedavg/ffa): clip each client's whole update to "
+                                 "this L2 norm, average with equal weights, add Gaussian noise; 0: off.",
+                                 check=_non_negative[0], rule=_non_negative[1])
+    client_dp_noise: float = _key(0.0, "Client-level DP noise multiplier z: noise std on the sum of clipped updates = "
+                                  "z x client-dp-clip.", check=_non_negative[0], rule=_non_negative[1])
     local_params: str = _key('', "Comma-separated adapter-name patterns kept on each client and never sent "
                              "(personalisation: e.g. norm weights for FedBN-style, head for FedPer-style).")
     fraction_train: float = _key(1.0, "Fraction of connected clients sampled each round.",
@@ -312,6 +334,7 @@ class RunConfig:
             raise ConfigError(f"init-adapter starts the global LoRA/DoRA adapter of the delta protocol: it needs peft "
                               f"with lora or dora, a delta aggregation (not exact, not lte) and no client-ranks; got "
                               f"peft={self.peft!r}, aggregation={self.aggregation!r}, client-ranks={self.client_ranks!r}")
+        self._check_privacy(parts)
         if self.protocol == "backbone-merge":
             unsupported = {"proximal-mu": self.proximal_mu != 0, "local-params": bool(self.local_params),
                            "lora-dropout": self.lora_dropout != 0, "optimizer": self.optimizer != "adamw",
@@ -321,6 +344,34 @@ class RunConfig:
                 raise ConfigError(f"peft={self.peft} with aggregation={self.aggregation} merges the mean low-rank "
                                   f"update into the backbone as is; it does not support {', '.join(bad)}: reset "
                                   f"them to their defaults or use a delta rule such as fedavg with a plain adapter")
+
+    def _check_privacy(self, parts: set[str]) -> None:
+        """DP keys that only mean something together, and what DP-SGD and client-level DP support."""
+        if (self.dp_noise or self.dp_epsilon) and not self.dp_clip:
+            raise ConfigError("dp-noise and dp-epsilon need dp-clip > 0 (the per-example clipping norm), e.g. dp-clip=1.0")
+        if self.dp_noise and self.dp_epsilon:
+            raise ConfigError(f"set one of dp-noise (sigma) and dp-epsilon (a target sigma is computed for), not both "
+                              f"(got dp-noise={self.dp_noise}, dp-epsilon={self.dp_epsilon})")
+        if self.client_dp_noise and not self.client_dp_clip:
+            raise ConfigError("client-dp-noise needs client-dp-clip > 0 (the clipping norm of each client's update)")
+        if (self.dp_max_epsilon or self.dp_secure_rng) and not (self.dp_clip or self.client_dp_clip):
+            raise ConfigError("dp-max-epsilon and dp-secure-rng need DP on: dp-clip > 0 (DP-SGD at each client) or "
+                              "client-dp-clip > 0 (client-level DP on the server)")
+        if self.dp_clip:
+            unsupported = sorted(parts - {"lora", "norm", "head"})
+            if unsupported or self.protocol != "delta":
+                raise ConfigError(f"dp-clip (DP-SGD) trains lora, norm and the head with the delta protocol; got "
+                                  f"peft={self.peft!r}, aggregation={self.aggregation!r}: use e.g. peft=lora+norm with "
+                                  f"aggregation=fedavg or ffa, or dp-clip=0")
+            if self.compile != "off":
+                raise ConfigError(f"dp-clip (DP-SGD) trains eagerly (per-example gradients by torch.func); got "
+                                  f"compile={self.compile!r}: set compile=off")
+        if self.client_dp_clip and (self.aggregation not in ("fedavg", "ffa") or self.client_ranks
+                                    or self.protocol != "delta"):
+            raise ConfigError(f"client-dp-clip replaces the weighted mean of fedavg/ffa by a clipped, noised mean of "
+                              f"equal weights; got aggregation={self.aggregation!r}, client-ranks="
+                              f"{self.client_ranks!r}, peft={self.peft!r}: use aggregation=fedavg or ffa without "
+                              f"client-ranks, or client-dp-clip=0")
 
     @property
     def model_size(self) -> int:

@@ -181,6 +181,10 @@ def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_s
     if compile_mode == "cudagraphs" and device.type != "cuda":
         raise ValueError(f"compile=cudagraphs needs a CUDA device, not {device}; use compile=off (or default) here")
     with _seeded(device, seed):
+        if getattr(optimizer, "dp", None) is not None:  # DP-SGD (make_optimizer with dp-clip): task/privacy.py
+            from fedmeld.task.privacy import train_private
+            return train_private(model, data, info, epochs=epochs, batch_size=batch_size, device=device, seed=seed,
+                                 optimizer=optimizer, inputs=inputs, prox_mu=prox_mu, lr_at=lr_at, precision=precision)
         return _train(model, data, info, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       device=device, seed=seed, inputs=inputs, prox_mu=prox_mu, optimizer=optimizer, lr_at=lr_at,
                       precision=precision, compile_mode=compile_mode)

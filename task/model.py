@@ -22,6 +22,7 @@ from fedmeld.peft.lora import matches
 from fedmeld.task.config import ConfigError, RunConfig, model_kwargs, peft_method
 from fedmeld.task.data import TaskInfo
 from fedmeld.task.engine import adamw, cpu_rng
+from fedmeld.task.privacy import DPSettings, PrivateOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +169,16 @@ def _smaller_conv(conv: nn.Conv2d, kernel: int, stride: int, keep_weights: bool)
     return new
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """The client optimizer over what trains; made afresh each round, as clients hold no state."""
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer | PrivateOptimizer:
+    """The client optimizer over what trains; made afresh each round, as clients hold no state.
+    With DP-SGD (``dp-clip``) it carries the DP settings, and ``engine.train`` trains privately."""
     if cfg.optimizer == "galore-adamw":
         groups = galore_param_groups(model, cfg.galore_rank, cfg.galore_update_gap, cfg.galore_scale)
-        return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+        opt = GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+    settings = DPSettings.of(cfg)
+    return opt if settings is None else PrivateOptimizer(opt, settings)
 
 
 def timm_model(cfg: RunConfig, info: TaskInfo, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:

@@ -46,3 +46,49 @@ def test_every_message_of_a_round_moves_one_array(overrides, tiny_config):
         assert len(_one_array(reply)) == (1 if message.metadata.message_type == "train" else 0)
         if "arrays" in reply.content:
             assert len(unpack(reply.content["arrays"])) > 20  # many tensors, still one Array
+
+
+def test_a_dp_budget_stops_the_run_before_the_round_that_would_exceed_it_and_a_resume_keeps_it(tiny_config, capsys):
+    """dp-max-epsilon between the largest client epsilon after round 1 and after round 2: the run ends
+    cleanly after round 1 (exports and summary written) and says why. Resumed, the ledger comes back
+    from the checkpoint, so the resumed run stops again instead of spending the budget anew."""
+    import json
+    from pathlib import Path
+
+    from fedmeld.client.app import app as client_app
+    from fedmeld.client.app import load_shard
+    from fedmeld.server.app import federate
+    from fedmeld.server.checkpoint import Checkpoint
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.flower.inprocess import InProcessGrid
+    from fedmeld.task.privacy import DPSettings, Ledger
+
+    dp = {**tiny_config, "model": "vit_pico_patch4_28", "device": "cpu", "num-server-rounds": 3, "dp-clip": 1.0,
+          "dp-noise": 1.2}
+    probe = RunConfig.from_mapping(dp)
+    plans = {p: DPSettings.of(probe).plan(len(load_shard(probe, p, 2).train), probe.batch_size, probe.local_epochs)
+             for p in range(2)}
+
+    def largest_epsilon(rounds: int) -> float:
+        ledger = Ledger()
+        for p, plan in plans.items():
+            for _ in range(rounds):
+                ledger.charge(str(p), plan)
+        return ledger.max_epsilon(1e-5)
+
+    cap = (largest_epsilon(1) + largest_epsilon(2)) / 2
+    cfg = RunConfig.from_mapping({**dp, "dp-max-epsilon": cap})
+    run_dir = federate(InProcessGrid(client_app, 2), cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1]
+    assert rows[0]["dp_epsilon"] == pytest.approx(largest_epsilon(1), rel=1e-9) and rows[0]["dp_delta"] == 1e-5
+    out = capsys.readouterr().out
+    assert f"round 2 would exceed dp-max-epsilon {cap:g}" in out and "the run stops after round 1" in out
+    assert (run_dir / "summary.json").is_file() and (run_dir / "model_merged.safetensors").is_file()
+    ledger = Ledger(Checkpoint.load(run_dir).privacy)
+    assert ledger.max_epsilon(1e-5) == pytest.approx(largest_epsilon(1), rel=1e-9)
+
+    resumed = RunConfig.from_mapping({**dp, "dp-max-epsilon": cap, "resume": str(run_dir)})
+    assert federate(InProcessGrid(client_app, 2), resumed) == Path(run_dir)
+    assert "round 2 would exceed" in capsys.readouterr().out  # the budget spent before the resume still counts
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1

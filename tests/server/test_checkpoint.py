@@ -77,3 +77,27 @@ def test_a_corrupt_or_missing_checkpoint_is_refused_and_nothing_changes(medmnist
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
     missing = _cli(["--resume", str(tmp_path)])
     assert missing.wait(timeout=120) == 2 and "is not a fedmeld run directory" in missing.stdout.read()
+
+
+def test_the_checkpoint_keeps_the_privacy_ledger(tmp_path):
+    """The DP ledger travels in the checkpoint's metadata, so a resumed run keeps the epsilon it spent;
+    a checkpoint written before DP existed reads back with an empty ledger."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fedmeld.server.checkpoint import Checkpoint
+    from fedmeld.task.privacy import CLIENTS, DPPlan, Ledger
+
+    ledger = Ledger()
+    for _ in range(3):
+        ledger.charge("0", DPPlan(0.25, 8, 1.1))
+    ledger.charge(CLIENTS, DPPlan(1.0, 1, 2.0))
+    parts = {"global": {"w": torch.ones(2)}, "protocol": {}, "selected": {}}
+    Checkpoint(2, {"seed": 0}, {}, {}, parts, ledger.to_json()).save(tmp_path)
+    back = Ledger(Checkpoint.load(tmp_path).privacy)
+    assert back.to_json() == {"0": [[1.1, 0.25, 24]], CLIENTS: [[2.0, 1.0, 1]]}
+    assert back.epsilon("0", 1e-5) == ledger.epsilon("0", 1e-5) > 0
+
+    meta = {"round": "1", "config": "{}", "initial": "{}", "protocol": "{}"}  # no "privacy": an older checkpoint
+    save_file({"global/w": torch.ones(2)}, str(tmp_path / "checkpoint.safetensors"), metadata=meta)
+    assert Checkpoint.load(tmp_path).privacy == {}
