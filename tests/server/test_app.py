@@ -92,3 +92,32 @@ def test_a_dp_budget_stops_the_run_before_the_round_that_would_exceed_it_and_a_r
     assert federate(InProcessGrid(client_app, 2), resumed) == Path(run_dir)
     assert "round 2 would exceed" in capsys.readouterr().out  # the budget spent before the resume still counts
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_client_level_dp_moves_the_global_adapters_by_at_most_the_clip_and_records_its_epsilon(tiny_config):
+    """client-dp-clip with no noise: the round's update is the equal-weight mean of clipped client
+    updates, so the global adapter state moves by at most the clip; the round records client-level ε
+    (infinite without noise) and no sample-level ε."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    from fedmeld.client.app import app as client_app
+    from fedmeld.peft import adapter_state
+    from fedmeld.server.app import federate
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.data import task_info
+    from fedmeld.task.flower.inprocess import InProcessGrid
+    from fedmeld.task.model import build_model
+
+    clip = 1e-3
+    cfg = RunConfig.from_mapping({**tiny_config, "model": "vit_pico_patch4_28", "device": "cpu",
+                                  "num-server-rounds": 1, "client-dp-clip": clip})
+    start = adapter_state(build_model(cfg, task_info(cfg.dataset)))
+    run_dir = federate(InProcessGrid(client_app, 2), cfg)
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["applied"] and row["client_dp_epsilon"] == math.inf and "dp_epsilon" not in row
+    end = load_file(str(run_dir / "adapter.safetensors"))
+    moved = math.sqrt(sum(float((end[k] - v).double().square().sum()) for k, v in start.items() if k in end))
+    assert 0 < moved <= clip * (1 + 1e-5)

@@ -46,7 +46,7 @@ def test_per_sample_grads_equal_a_per_example_loop(family, method, freeze_a, ada
     perturb_adapters(model)  # B != 0, so A has gradients too
     fused = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert all(m.fast for m in fused)
-    x, y = images(5), torch.tensor([[0], [2], [1], [1], [0]])
+    x, y = images(3), torch.tensor([[0], [2], [1]])
     got, losses, logits = per_sample_grads(model, x, y, INFO, CPU)
     want = _loop_grads(model, x, y)
     assert got.keys() == want.keys() and len(got) > 2
@@ -55,9 +55,9 @@ def test_per_sample_grads_equal_a_per_example_loop(family, method, freeze_a, ada
     for name in want:
         assert want[name].abs().max() > 0, name
         assert (got[name] - want[name]).abs().max() <= 1e-5, name
-    assert torch.allclose(losses, torch.stack([loss_fn(model(x[i:i + 1]), y[i:i + 1], INFO) for i in range(5)]),
+    assert torch.allclose(losses, torch.stack([loss_fn(model(x[i:i + 1]), y[i:i + 1], INFO) for i in range(3)]),
                           atol=1e-6)
-    assert logits.shape == (5, 3)
+    assert logits.shape == (3, 3)
     assert all(m.fast for m in fused)  # the fused path is restored afterwards
 
 
@@ -79,7 +79,7 @@ def test_noise_has_the_std_sigma_times_clip(secure):
     assert abs(noised.mean()) < 0.03 and abs(noised.std() - 3.0) < 0.03
 
 
-def _split(n: int = 40) -> Split:
+def _split(n: int = 24) -> Split:
     g = torch.Generator().manual_seed(3)
     return Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
                  torch.randint(0, 3, (n, 1), generator=g))
@@ -99,7 +99,7 @@ def test_no_noise_and_no_clipping_is_plain_sgd_on_the_same_batches(adapted, pert
     stats = train(models[0], data, INFO, epochs=epochs, batch_size=batch, lr=0.1, weight_decay=0.0, device=CPU,
                   seed=seed, optimizer=PrivateOptimizer(torch.optim.SGD(params, lr=0.1), settings))
     plan = settings.plan(len(data), batch, epochs)
-    assert stats["dp_steps"] == plan.steps == 10 and stats["dp_round_epsilon"] == math.inf
+    assert stats["dp_steps"] == plan.steps == 6 and stats["dp_round_epsilon"] == math.inf
 
     from fedmeld.task.engine import Inputs
     ref = models[1].train()
