@@ -7,6 +7,8 @@ instruction (the run config), where the data lives from the node. The run's prot
 (``RunConfig.protocol``) decides what a round does: ``client/delta.py`` or
 ``client/backbone_merge.py``. Models and shards are built once per process and reused across
 rounds; every message carries the full global state, so nothing stale survives between rounds.
+A partition listed in the run config's ``attackers`` runs its ``attack`` (``task/attacks.py``): it
+trains on poisoned data, or replaces its honest reply's delta, so that drills need no other code.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from flwr.clientapp import ClientApp
 
 from fedmeld.client import backbone_merge, delta
 from fedmeld.task.config import ConfigError, RunConfig
-from fedmeld.task.data import Split, load_split
+from fedmeld.task.data import Split, load_split, task_info
 from fedmeld.task.partition import partition, train_val_split
 from fedmeld.task.privacy import DPSettings
+from fedmeld.task.wire import pack, unpack
 
 app = ClientApp()
 NODE_KEYS = ("data-root", "device")  # node-config keys that override the server's run config
@@ -39,7 +42,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg = run_config(msg, context)
     shard = load_shard(cfg, _partition_id(context), _num_partitions(context))
     seed = cfg.seed * 100_003 + int(msg.content["config"].get("server-round", 0)) * 1_009 + _partition_id(context)
-    reply = PROTOCOLS[cfg.protocol].train(msg, context, cfg, shard.train, seed)
+    attack = cfg.attack_of(_partition_id(context))  # a drill (attack, attackers): this partition is poisoned
+    data = attack.on_data(shard.train, task_info(cfg.dataset)) if attack else shard.train
+    reply = PROTOCOLS[cfg.protocol].train(msg, context, cfg, data, seed)
+    if attack and attack.kind == "update":  # the honest delta, replaced on its way to the wire
+        reply.content["arrays"] = pack(attack.on_update(unpack(reply.content["arrays"]), cfg.attack_scale, seed))
     reply.content["metrics"]["partition-id"] = _partition_id(context)  # the server aggregates in this order
     return reply
 

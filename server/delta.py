@@ -15,14 +15,14 @@ from torch import nn
 from fedmeld.peft import adapter_state, load_adapter_state, resize_ranks
 from fedmeld.server.optimizers import ServerOptimizer
 from fedmeld.server.strategy import Protocol, Reply, State
-from fedmeld.task.aggregators import AggregateFn
+from fedmeld.task.aggregators import AggregateFn, Aggregator
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import TaskInfo
 from fedmeld.task.model import build_model, is_local
 
 
 class DeltaProtocol(Protocol):
-    def __init__(self, state: State, rule: AggregateFn, server_opt: ServerOptimizer | None = None,
+    def __init__(self, state: State, rule: Aggregator | AggregateFn, server_opt: ServerOptimizer | None = None,
                  pad_ranks: bool = False, local: State | None = None) -> None:
         self.state = state  # what travels and is averaged
         self.rule = rule
@@ -53,7 +53,12 @@ class DeltaProtocol(Protocol):
         return resize_ranks(state, self.state) if self.pad_ranks else state
 
     def aggregate(self, replies: list[Reply]) -> None:
-        step = self.server_opt.step(self.rule([r.state for r in replies], [r.weight for r in replies]))
+        deltas, weights = [r.state for r in replies], [r.weight for r in replies]
+        if isinstance(self.rule, Aggregator):  # registered: robust rules score s·B·A against the global state
+            merged = self.rule(deltas, weights, self.state)
+        else:  # a bare (deltas, weights) function
+            merged = self.rule(deltas, weights)
+        step = self.server_opt.step(merged)
         self.state = {k: (v + step[k]).to(v.dtype) for k, v in self.state.items()}
 
     def load_into(self, model: nn.Module, state: State | None = None) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 from fedmeld.peft import ADAPTERS, PeftConfig
 from fedmeld.peft.config import MERGE_MODES
-from fedmeld.task.aggregators import AGGREGATORS, Aggregator
+from fedmeld.task.aggregators import AGGREGATORS, Aggregator, RuleSettings
+from fedmeld.task.attacks import ATTACKS, Attack, parse_attackers
 from fedmeld.task.plugins import load_plugins
 
 RESIZE_MODES = ("nearest", "bilinear", "bicubic")  # choices the engine's Inputs takes, too
@@ -101,6 +102,11 @@ def _peft_help() -> str:
 
 def _aggregation_help() -> str:
     return "How client updates combine. " + "; ".join(f"{n}: {AGGREGATORS[n].help}" for n in sorted(AGGREGATORS)) + "."
+
+
+def _attack_help() -> str:
+    return ("Poisoned-client drill (task/attacks.py): what the partitions in attackers do instead of training "
+            "honestly; none: nobody attacks. " + "; ".join(f"{n}: {ATTACKS[n].help}" for n in sorted(ATTACKS)) + ".")
 
 
 def _key(default: Any, help: str | Callable[[], str], choices: tuple[Any, ...] | Callable[[], tuple] | None = None,
@@ -215,6 +221,24 @@ class RunConfig:
                              "fedavg zero-pads smaller factors to the largest rank (HetLoRA baseline); exact "
                              "aggregates mixed ranks exactly.", check=lambda v: _valid_ints(v, low=1),
                              rule="must be empty or comma-separated positive integers")
+    robust_f: int = _key(1, "Byzantine replies per round the robust rules assume (f): trimmed-mean drops f values "
+                         "at each side; krum and multi-krum need n >= 2f+3 replies, median, trimmed-mean and "
+                         "clipped-mean with clip-norm 0 need n >= 2f+1. min-clients must be at least that n, so that a "
+                         "round with fewer usable replies is recorded and not applied.", check=_non_negative[0],
+                         rule=_non_negative[1])
+    clip_norm: float = _key(0.0, "clipped-mean: bound on each client's effective update norm (s·B·A per LoRA layer, "
+                            "other adapter tensors as they are); 0: the median of the round's norms.",
+                            check=_non_negative[0], rule=_non_negative[1])
+    krum_m: int = _key(0, "multi-krum: how many best-scored replies are averaged; 0: n - robust-f.",
+                       check=_non_negative[0], rule=_non_negative[1])
+    attack: str = _key("none", _attack_help, lambda: ("none", *sorted(ATTACKS)))
+    attack_scale: float = _key(5.0, "k of the update attacks: sign-flip sends -k times the honest delta, scale k "
+                               "times, noise Gaussian noise of k times its RMS per tensor.", check=_positive[0],
+                               rule=_positive[1])
+    attackers: str = _key("", "Comma-separated partition ids that run attack (e.g. 0, or 0,3); ignored under "
+                          "attack=none.",
+                          check=lambda v: _valid_ints(v, low=0), rule="must be empty or comma-separated partition ids "
+                          "(integers >= 0)")
     server_optimizer: str = _key('sgd', "Server step on the aggregated delta: sgd (lr 1 = FedAvg), momentum (FedAvgM), "
                                  "adam (FedAdam), yogi (FedYogi).", ("sgd", "momentum", "adam", "yogi"))
     server_lr: float = _key(1.0, "Server learning rate on the aggregated delta (1.0 with sgd = FedAvg).",
@@ -298,7 +322,13 @@ class RunConfig:
 
     @property
     def aggregator(self) -> Aggregator:
-        return AGGREGATORS[self.aggregation]
+        """The run's rule, with its robust settings bound."""
+        return AGGREGATORS[self.aggregation].configured(self.rule_settings)
+
+    @property
+    def rule_settings(self) -> RuleSettings:
+        """What the robust rules assume and need (robust-f, clip-norm, krum-m, LoRA's scale)."""
+        return RuleSettings(self.robust_f, self.clip_norm, self.krum_m, self.lora_alpha / self.lora_rank)
 
     @property
     def protocol(self) -> str:
@@ -330,11 +360,12 @@ class RunConfig:
         if "lte" in parts and self.batch_size % self.lte_heads:
             raise ConfigError(f"batch-size {self.batch_size} must be divisible by lte-heads {self.lte_heads}: "
                               f"each head trains on an equal micro-batch")
+        self._check_robustness()
+        self._check_privacy(parts)
         if self.init_adapter and (not parts & {"lora", "dora"} or self.protocol != "delta" or self.client_ranks):
             raise ConfigError(f"init-adapter starts the global LoRA/DoRA adapter of the delta protocol: it needs peft "
                               f"with lora or dora, a delta aggregation (not exact, not lte) and no client-ranks; got "
                               f"peft={self.peft!r}, aggregation={self.aggregation!r}, client-ranks={self.client_ranks!r}")
-        self._check_privacy(parts)
         if self.protocol == "backbone-merge":
             unsupported = {"proximal-mu": self.proximal_mu != 0, "local-params": bool(self.local_params),
                            "lora-dropout": self.lora_dropout != 0, "optimizer": self.optimizer != "adamw",
@@ -372,6 +403,36 @@ class RunConfig:
                               f"equal weights; got aggregation={self.aggregation!r}, client-ranks="
                               f"{self.client_ranks!r}, peft={self.peft!r}: use aggregation=fedavg or ffa without "
                               f"client-ranks, or client-dp-clip=0")
+
+    def _check_robustness(self) -> None:
+        """A robust rule's assumption must fit a round's replies; a drill needs an attack and attackers."""
+        rule = self.aggregator
+        need = rule.min_replies(self.rule_settings) if rule.min_replies else 0
+        sampled = max(int(self.num_clients * self.fraction_train), 1)
+        if min(sampled, self.min_clients, self.num_clients) < need:
+            raise ConfigError(f"aggregation={self.aggregation} with robust-f={self.robust_f}"
+                              f"{f', krum-m={self.krum_m}' if self.aggregation == 'multi-krum' else ''} needs at least "
+                              f"{need} replies per round: set min-clients >= {need} (a round with fewer usable replies "
+                              f"is then recorded, not applied) and num-clients x fraction-train >= {need}, or lower "
+                              f"robust-f (got num-clients={self.num_clients}, fraction-train={self.fraction_train}, "
+                              f"min-clients={self.min_clients})")
+        attackers = parse_attackers(self.attackers)
+        if self.attack != "none" and not attackers:
+            raise ConfigError(f"attack={self.attack} needs attackers, the partition ids that run it (e.g. attackers=0)")
+        if attackers and (attackers[-1] >= self.num_clients or len(attackers) >= self.num_clients):
+            raise ConfigError(f"attackers must be partition ids below num-clients={self.num_clients}, leaving at least "
+                              f"one honest client (got attackers={self.attackers!r})")
+        if self.attack != "none" and ATTACKS[self.attack].kind == "update" and self.protocol != "delta":
+            raise ConfigError(f"attack={self.attack} replaces the delta a client sends; peft={self.peft} with "
+                              f"aggregation={self.aggregation} sends factors to merge: use a data attack (label-flip) "
+                              f"or a delta rule")
+
+    def attack_of(self, partition_id: int) -> Attack | None:
+        """The attack partition ``partition_id`` runs, or None for an honest client (every client under
+        attack=none, whatever attackers lists: a drill's clean run keeps its federation's keys)."""
+        if self.attack == "none" or partition_id not in parse_attackers(self.attackers):
+            return None
+        return ATTACKS[self.attack]
 
     @property
     def model_size(self) -> int:
@@ -412,8 +473,11 @@ load_plugins()
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Accept what TOML and command lines give (ints for floats, 'true' for bools); refuse the rest."""
+    """Accept what TOML and command lines give (ints for floats, 'true' for bools, an integer for a text
+    key such as attackers=0 or client-ranks=8, which TOML reads as a number); refuse the rest."""
     kind = type(default)
+    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

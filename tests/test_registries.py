@@ -104,9 +104,43 @@ def _product_mean(deltas, weights):
     return {"l": _mean([d["l/B"] @ d["l/A"] for d in deltas], weights), "n": _mean([d["n"] for d in deltas], weights)}
 
 
+def _per_key(reference):
+    """A per-tensor reference applied to every tensor of the deltas."""
+    return lambda deltas, weights: {k: reference([d[k] for d in deltas], weights) for k in deltas[0]}
+
+
+def _flat(deltas) -> list[torch.Tensor]:
+    return [torch.cat([v.flatten() for v in d.values()]).double() for d in deltas]
+
+
+def _krum_order(deltas) -> list[int]:
+    """Clients by Krum score (f = 1: the sum of squared distances to the n - 3 nearest others), best first."""
+    flat = _flat(deltas)
+    scores = [sum(sorted(float((x - y).square().sum()) for j, y in enumerate(flat) if j != i)[:len(flat) - 3])
+              for i, x in enumerate(flat)]
+    return sorted(range(len(flat)), key=scores.__getitem__)
+
+
+def _by_hand_krum(deltas, weights):
+    return deltas[_krum_order(deltas)[0]]
+
+
+def _by_hand_multi_krum(deltas, weights):
+    best = _krum_order(deltas)[:len(deltas) - 1]  # m = n - f
+    return _per_key(_mean)([deltas[i] for i in best], [weights[i] for i in best])
+
+
+def _by_hand_clipped(deltas, weights):
+    norms = [float(x.norm()) for x in _flat(deltas)]
+    bound = sorted(norms)[len(norms) // 2]  # odd count: the median norm
+    return _per_key(_mean)([{k: v * min(1.0, bound / n) for k, v in d.items()} for d, n in zip(deltas, norms)],
+                           weights)
+
+
 REFERENCES = {  # rule -> what it must equal, computed the plain way
-    "fedavg": _mean, "ffa": _mean, "median": _by_hand_median, "trimmed-mean": _by_hand_trimmed,
-    "exact": _product_mean,
+    "fedavg": _per_key(_mean), "ffa": _per_key(_mean), "median": _per_key(_by_hand_median),
+    "trimmed-mean": _per_key(_by_hand_trimmed), "exact": _product_mean, "krum": _by_hand_krum,
+    "multi-krum": _by_hand_multi_krum, "clipped-mean": _by_hand_clipped,
 }
 
 
@@ -124,10 +158,10 @@ def test_every_rule_equals_its_reference_on_a_hand_made_case(name):
         torch.testing.assert_close(out["l/B"] @ out["l/A"], expected["l"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out["n"], expected["n"], rtol=1e-6, atol=1e-6)
     else:
+        expected = REFERENCES[name](deltas, WEIGHTS)
         assert set(out) == set(deltas[0])
         for key in out:
-            torch.testing.assert_close(out[key], REFERENCES[name]([d[key] for d in deltas], WEIGHTS),
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out[key], expected[key], rtol=1e-6, atol=1e-6)
 
 
 # --- a new adapter and a new rule: one module each, nothing else ---------------------------------
@@ -172,7 +206,8 @@ def test_a_new_adapter_and_rule_are_one_module_each(tmp_path, medmnist_root):
     shown = _fedmeld(["run", "--help"], plugins, tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "norm-gamma: only the γ of every normalization layer" in shown.stdout
-    assert "unweighted-mean" in shown.stdout and "{exact|fedavg|ffa|median|trimmed-mean|unweighted-mean}" in shown.stdout
+    choices = "{clipped-mean|exact|fedavg|ffa|krum|median|multi-krum|trimmed-mean|unweighted-mean}"
+    assert "unweighted-mean" in shown.stdout and choices in shown.stdout
 
     done = _fedmeld(["run", "--backend", "inprocess", "peft=norm-gamma", "aggregation=unweighted-mean",
                      f'data-root="{medmnist_root}"', 'model="resnet10t"', "num-clients=2", "num-server-rounds=1",

@@ -1,13 +1,19 @@
-"""Coordinate-wise robust rules: one client's outlier cannot move them (they ignore the weights)."""
+"""Coordinate-wise robust rules: one client's outlier cannot move them (they ignore the weights).
+
+They work on the tensors as they travel, so for LoRA on A and B apart, not on the weight update
+s·B·A (a coordinate-wise median of the updates would be a full-rank matrix that the delta protocol
+cannot send back as factors); krum, multi-krum and clipped-mean score s·B·A.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import Delta, register_aggregator, stack
+from . import Delta, RuleSettings, check_replies, register_aggregator, stack
 
 
-@register_aggregator("median", help="coordinate-wise median, unweighted")
+@register_aggregator("median", min_replies=lambda s: 2 * s.byzantine + 1,
+                     help="coordinate-wise median, unweighted (needs n >= 2f+1, f: robust-f)")
 def coordinate_median(deltas: Sequence[Delta], weights: Sequence[float]) -> Delta:
     """Coordinate-wise median (Yin et al. 2018), unweighted: one client's outlier cannot move it.
     With an even count it takes the mean of the two middle values."""
@@ -15,11 +21,14 @@ def coordinate_median(deltas: Sequence[Delta], weights: Sequence[float]) -> Delt
             else deltas[0][name] for name in deltas[0]}
 
 
-@register_aggregator("trimmed-mean", help="coordinate-wise mean after dropping 20% of the values at each side")
-def trimmed_mean(deltas: Sequence[Delta], weights: Sequence[float], trim: float = 0.2) -> Delta:
-    """Coordinate-wise mean after dropping the ``trim`` share of largest and smallest values."""
-    cut = int(trim * len(deltas))
-    if len(deltas) - 2 * cut < 1:
-        raise ValueError(f"trimming {cut} of {len(deltas)} values from each side leaves none")
+@register_aggregator("trimmed-mean", robust=True, min_replies=lambda s: 2 * s.byzantine + 1,
+                     help="coordinate-wise mean after dropping the robust-f largest and smallest values, unweighted "
+                          "(needs n >= 2f+1)")
+def trimmed_mean(deltas: Sequence[Delta], weights: Sequence[float], *, settings: RuleSettings = RuleSettings(),
+                 global_state: Delta | None = None) -> Delta:
+    """Coordinate-wise mean after dropping the f = robust-f largest and smallest values (Yin et
+    al. 2018): f Byzantine values can sit only inside the honest range."""
+    cut = settings.byzantine
+    check_replies("trimmed-mean", len(deltas), 2 * cut + 1, f"n >= 2·robust-f + 1, robust-f={cut}")
     return {name: stack(deltas, name).sort(dim=0).values[cut:len(deltas) - cut].mean(dim=0)
             for name in deltas[0]}

@@ -69,3 +69,53 @@ def test_a_clients_reply_does_not_depend_on_who_trained_before_it(overrides, med
     reply(0)
     after = reply(1)
     assert alone.keys() == after.keys() and all(torch.equal(alone[k], after[k]) for k in alone)
+
+
+def test_an_attacker_partition_poisons_its_reply_and_nobody_elses(medmnist_root, task_identity, monkeypatch):
+    """attack=sign-flip, attackers=0: partition 0 sends -k times the delta it honestly trained, bit
+    for bit, and partition 1 sends what it sends in a clean run; attack=label-flip: partition 0
+    trains on 1 - y of its shard (BreastMNIST is binary) and partition 1 on its own labels."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedmeld.client import delta as delta_protocol
+    from fedmeld.client.app import load_shard, train_handler
+    from fedmeld.server.app import PROTOCOLS
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.data import task_info
+    from fedmeld.task.wire import unpack
+
+    base = {"model": "resnet10t", "num-clients": 5, "local-epochs": 1, "batch-size": 64, "device": "cpu",
+            "data-root": str(medmnist_root)}
+    trained_on: dict[int, torch.Tensor] = {}
+    honest_train = delta_protocol.train
+
+    def recording(msg, context, cfg, data, seed):  # what each partition trained on
+        trained_on[int(context.node_config["partition-id"])] = data.labels
+        return honest_train(msg, context, cfg, data, seed)
+
+    monkeypatch.setattr(delta_protocol, "train", recording)
+
+    def replies(**attack) -> list[dict]:
+        cfg = RunConfig.from_mapping({**base, **attack})
+        kind = PROTOCOLS[cfg.protocol]
+        protocol = kind.for_run(cfg, kind.build_model(cfg, task_info("breastmnist")))
+        out = []
+        for partition in (0, 1):
+            msg = Message(RecordDict({"arrays": pack(protocol.payload(partition)[0]),
+                                      "config": ConfigRecord({**cfg.to_flower(), "server-round": 1})}),
+                          dst_node_id=partition, message_type="train")
+            context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition, "num-partitions": 5},
+                              state=RecordDict(), run_config={})
+            out.append(unpack(train_handler(msg, context).content["arrays"]))
+        return out
+
+    clean = replies()
+    flipped = replies(attack="sign-flip", attackers="0", **{"attack-scale": 5.0})
+    assert all(torch.equal(flipped[0][k], -5.0 * clean[0][k]) for k in clean[0])
+    assert all(torch.equal(flipped[1][k], clean[1][k]) for k in clean[1])
+
+    poisoned = replies(attack="label-flip", attackers="0")
+    shards = [load_shard(RunConfig.from_mapping(base), p, 5).train.labels for p in (0, 1)]
+    assert torch.equal(trained_on[0], 1 - shards[0]) and torch.equal(trained_on[1], shards[1])
+    assert all(torch.equal(poisoned[1][k], clean[1][k]) for k in clean[1])
+    assert not torch.equal(poisoned[0]["fc.weight"], clean[0]["fc.weight"])  # it learned the mirrored task

@@ -77,3 +77,149 @@ def test_exact_equals_the_mean_of_products_and_fedavg_does_not(ranks, client_fac
     if len(set(ranks)) == 1:  # fedavg needs equal shapes: it averages A and B apart
         mean = AGGREGATORS["fedavg"](clients, weights)
         assert (mean["l/B"] @ mean["l/A"] - by_hand).abs().max() > 1e-2
+
+
+# --- robust rules that score the weight update s·B·A: krum, multi-krum, clipped-mean ----------------
+
+from fedmeld.server.delta import DeltaProtocol  # noqa: E402
+from fedmeld.server.strategy import Reply  # noqa: E402
+from fedmeld.task.aggregators import RuleSettings  # noqa: E402
+from fedmeld.task.aggregators.clipped import clip_factors  # noqa: E402
+from fedmeld.task.aggregators.effective import geometry  # noqa: E402
+from fedmeld.task.aggregators.krum import krum_scores  # noqa: E402
+from fedmeld.task.config import ConfigError  # noqa: E402
+
+SCALE = 2.0  # LoRA's s = alpha / r in these cases
+
+
+def _lora_round(honest: int, seed: int = 0) -> tuple[dict, list[dict]]:
+    """A global state with one LoRA layer and a norm vector, and ``honest`` clients' deltas that
+    share a direction (each with its own small noise)."""
+    g = torch.Generator().manual_seed(seed)
+    glob = {"l.lora_A": torch.randn(4, 6, generator=g), "l.lora_B": 0.1 * torch.randn(5, 4, generator=g),
+            "n.weight": torch.randn(5, generator=g)}
+    common = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in glob.items()}
+    return glob, [{k: v + 0.005 * torch.randn(v.shape, generator=g) for k, v in common.items()} for _ in range(honest)]
+
+
+def _effective(delta: dict, glob: dict) -> torch.Tensor:
+    """A client's update of the effective weights, by hand: s·((B+dB)(A+dA) − BA) and the norm delta."""
+    a, b = glob["l.lora_A"].double(), glob["l.lora_B"].double()
+    da, db = delta["l.lora_A"].double(), delta["l.lora_B"].double()
+    return torch.cat([(SCALE * ((b + db) @ (a + da) - b @ a)).flatten(), delta["n.weight"].double()])
+
+
+def _rule(name: str, **settings):
+    return AGGREGATORS[name].configured(RuleSettings(lora_scaling=SCALE, **settings))
+
+
+def test_krum_picks_an_honest_client_among_colluding_outliers():
+    glob, honest = _lora_round(5)
+    flipped = {k: -5 * v for k, v in honest[0].items()}
+    deltas = [flipped, *honest[:3], flipped, *honest[3:]]  # two identical attackers: each other's nearest
+    weights = [500.0, 10, 20, 30, 500, 40, 50]  # they also claim the most examples
+    out = _rule("krum", byzantine=2)(deltas, weights, glob)
+    assert any(all(torch.equal(out[k], h[k]) for k in out) for h in honest)
+    scores = krum_scores(geometry(deltas, glob, SCALE, "krum").sq_dist, 2)
+    assert scores[0] > scores[1:4].max() and scores[4] > scores[5:].max()
+    assert (AGGREGATORS["fedavg"](deltas, weights)["n.weight"] * honest[0]["n.weight"]).sum() < 0  # fedavg follows them
+
+
+def test_multi_krum_averages_the_m_best_by_example_weight():
+    glob, honest = _lora_round(5)
+    scaled_up = {k: 10 * v for k, v in honest[1].items()}
+    noise = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) for k, v in honest[0].items()}
+    deltas, weights = [*honest, scaled_up, noise], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    out = _rule("multi-krum", byzantine=2)(deltas, weights, glob)  # m = n - f = 5: exactly the honest ones
+    expected = weighted_mean(honest, weights[:5])
+    assert all(torch.allclose(out[k], expected[k], atol=1e-7) for k in out)
+    two = _rule("multi-krum", byzantine=2, krum_keep=2)(deltas, weights, glob)
+    scores = krum_scores(geometry(deltas, glob, SCALE, "multi-krum").sq_dist, 2)
+    best = scores.argsort()[:2].tolist()
+    assert set(best) < set(range(5))
+    expected = weighted_mean([deltas[i] for i in best], [weights[i] for i in best])
+    assert all(torch.allclose(two[k], expected[k], atol=1e-7) for k in two)
+
+
+def test_clipped_mean_bounds_each_clients_effective_update():
+    glob, honest = _lora_round(4)
+    attacker = {k: 1000 * v for k, v in honest[0].items()}
+    deltas, weights = [*honest, attacker], [10.0, 20.0, 30.0, 40.0, 50.0]
+    norms = torch.stack([_effective(d, glob).norm() for d in deltas])
+    bound = float(norms[:4].max()) * 1.01  # every honest client is within it
+    lam = clip_factors(geometry(deltas, glob, SCALE, "clipped-mean"), bound)
+    assert lam[:4].tolist() == [1.0] * 4 and 0 < lam[4] < 0.01
+    clipped = {k: v * lam[4].item() for k, v in attacker.items()}
+    assert bound * (1 - 1e-6) <= _effective(clipped, glob).norm() <= bound * (1 + 1e-6)  # on it (float32 deltas)
+    out = _rule("clipped-mean", clip_norm=bound)(deltas, weights, glob)
+    expected = weighted_mean([*honest, clipped], weights)
+    assert all(torch.allclose(out[k], expected[k], atol=1e-7) for k in out)
+    # without clip-norm the bound is the round's median norm: the honest clients above it shrink too
+    adaptive = clip_factors(geometry(deltas, glob, SCALE, "clipped-mean"), float(norms.median()))
+    assert (adaptive[norms <= norms.median()] == 1).all() and (adaptive[norms > norms.median()] < 1).all()
+
+
+def test_scores_see_the_weight_update_not_the_factors():
+    """Two clients whose factors differ but whose B·A products are equal (B' = B·M, A' = M⁻¹·A) make
+    the same weight update: every robust score treats them as one; their factor deltas are far apart."""
+    glob, deltas = _lora_round(5)
+    glob, deltas = {k: v.double() for k, v in glob.items()}, [{k: v.double() for k, v in d.items()} for d in deltas]
+    m = torch.eye(4, dtype=torch.float64) * 2 + 0.3 * torch.randn(4, 4, generator=torch.Generator().manual_seed(1),
+                                                                  dtype=torch.float64)
+    b, a = glob["l.lora_B"] + deltas[0]["l.lora_B"], glob["l.lora_A"] + deltas[0]["l.lora_A"]
+    twin = {"l.lora_B": b @ m - glob["l.lora_B"], "l.lora_A": torch.linalg.solve(m, a) - glob["l.lora_A"],
+            "n.weight": deltas[0]["n.weight"]}
+    assert (twin["l.lora_A"] - deltas[0]["l.lora_A"]).norm() > 1  # far apart as factors
+    deltas[1] = twin
+    geo = geometry(deltas, glob, SCALE, "krum")
+    assert geo.sq_dist[0, 1] < 1e-20 and geo.norms()[0] == pytest.approx(geo.norms()[1].item(), rel=1e-12)
+    assert geo.norms()[0] == pytest.approx(_effective(deltas[0], glob).norm().item(), rel=1e-12)
+    by_hand = (_effective(deltas[0], glob) - _effective(deltas[2], glob)).square().sum()
+    assert geo.sq_dist[0, 2] == pytest.approx(by_hand.item(), rel=1e-9)
+    scores = krum_scores(geo.sq_dist, 1)
+    assert scores[0] == pytest.approx(scores[1].item(), rel=1e-9)
+    as_factors = geometry([{k.replace(".lora_", "_"): v for k, v in d.items()} for d in deltas], None, SCALE, "krum")
+    assert as_factors.sq_dist[0, 1] > 1  # what scoring A and B apart would see
+
+
+def test_krum_in_the_delta_protocol_scores_against_the_global_adapters(medmnist_root):
+    """The server's rule gets the run's settings and the global state: the round applies one honest
+    client's delta to a real ResNet's LoRA + norm adapters."""
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "aggregation": "krum", "num-clients": 5, "min-clients": 5})
+    protocol = DeltaProtocol.for_run(cfg, build_model(cfg, task_info("breastmnist")))
+    start = dict(protocol.state)
+    g = torch.Generator().manual_seed(0)
+    common = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    honest = [{k: v + 0.001 * torch.randn(v.shape, generator=g) for k, v in common.items()} for _ in range(4)]
+    replies = [Reply(i, d, 100.0, None) for i, d in enumerate([{k: -5 * v for k, v in common.items()}, *honest])]
+    protocol.aggregate(replies)
+    applied = {k: protocol.state[k] - start[k] for k in start}
+    assert any(all(torch.allclose(applied[k], h[k], atol=1e-6) for k in start) for h in honest)
+
+
+def test_robust_rules_refuse_impossible_settings():
+    glob, deltas = _lora_round(4)
+    with pytest.raises(ValueError, match=r"krum needs at least 5 replies.*robust-f.*min-clients"):
+        _rule("krum")(deltas, [1.0] * 4, glob)
+    with pytest.raises(ValueError, match=r"trimmed-mean needs at least 5 replies"):
+        _rule("trimmed-mean", byzantine=2)(deltas, [1.0] * 4, glob)
+    with pytest.raises(ValueError, match="needs the global state"):
+        _rule("clipped-mean")(deltas, [1.0] * 4)
+    for bad, named in (({"aggregation": "krum", "num-clients": 4}, "min-clients >= 5"),
+                       ({"aggregation": "krum", "num-clients": 5}, "min-clients >= 5"),  # min-clients 2: too few
+                       ({"aggregation": "krum", "num-clients": 10, "min-clients": 5, "fraction-train": 0.4},
+                        "fraction-train"),
+                       ({"aggregation": "multi-krum", "num-clients": 8, "min-clients": 8, "robust-f": 2, "krum-m": 7},
+                        "krum-m=7 needs at least 9"),
+                       ({"aggregation": "median", "num-clients": 2, "min-clients": 2}, "robust-f=1 needs at least 3")):
+        with pytest.raises(ConfigError, match=named):
+            RunConfig.from_mapping(bad)
+    RunConfig.from_mapping({"aggregation": "krum", "num-clients": 5, "min-clients": 5})  # n = 2f + 3: fine
+    RunConfig.from_mapping({"aggregation": "median", "num-clients": 2, "min-clients": 2, "robust-f": 0})
+
+
+def test_trimmed_mean_drops_robust_f_values_at_each_side():
+    deltas = [{"x": torch.tensor([v])} for v in (-90.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0)]
+    assert _rule("trimmed-mean", byzantine=2)(deltas, [1.0] * 7)["x"].item() == pytest.approx(3.0)  # mean of 2, 3, 4
+    assert _rule("trimmed-mean", byzantine=1)(deltas, [1.0] * 7)["x"].item() == pytest.approx(3.0)  # 1..5
+    assert _rule("trimmed-mean", byzantine=0)(deltas, [1.0] * 7)["x"].item() == pytest.approx(25 / 7)
