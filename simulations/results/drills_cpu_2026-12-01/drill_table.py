@@ -1,7 +1,8 @@
-"""The drill table of a `fedmeld sweep --preset drills` folder: last-round test ACC / AUC per rule and
-attack, one table per federation and partition, each cell's ACC change against the clean fedavg run
-of that block. A run that stopped (a poisoned global model whose outputs went NaN) shows its last
-completed round + 1, the round whose model had NaN outputs. Usage: python drill_table.py SWEEP_DIR > table.md"""
+"""The drill table of a `fedmeld sweep --preset drills` run folder (the sweep's runs/): last-round
+test ACC / AUC per rule and attack, one table per federation and partition, each cell's ACC change
+against the clean fedavg run of that block. A run that stopped (a poisoned global model whose
+outputs went NaN) shows the round whose model had NaN outputs.
+Usage: python drill_table.py SWEEP_DIR/runs > table.md"""
 
 from __future__ import annotations
 
@@ -24,16 +25,16 @@ def result(run: Path) -> tuple[float, float] | str:
     return f"NaN in round {len(lines) + 1}"  # metrics.jsonl holds the rounds completed
 
 
-def main(sweep: Path) -> None:
+def main(runs: Path) -> None:
     for block, title in BLOCKS.items():
-        clean = result(sweep / "runs" / f"fedavg_clean_{block}")
+        clean = result(runs / f"fedavg_clean_{block}")
         print(f"**{title}** (clean fedavg: ACC {clean[0]:.3f}, AUC {clean[1]:.3f})\n")
         print("| rule | " + " | ".join(ATTACKS.values()) + " |")
         print("|---" * (len(ATTACKS) + 1) + "|")
         for rule in RULES:
             cells = []
             for attack in ATTACKS:
-                got = result(sweep / "runs" / f"{rule}_{attack}_{block}")
+                got = result(runs / f"{rule}_{attack}_{block}")
                 cells.append(got if isinstance(got, str) else
                              f"{got[0]:.3f} ({100 * (got[0] - clean[0]):+.1f}) / {got[1]:.3f}")
             print(f"| {rule} | " + " | ".join(cells) + " |")
