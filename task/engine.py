@@ -364,8 +364,11 @@ def medmnist_acc(y_true: np.ndarray, y_score: np.ndarray, info: TaskInfo) -> flo
 
 
 def medmnist_auc(y_true: np.ndarray, y_score: np.ndarray, info: TaskInfo) -> float:
-    """medmnist's AUC; NaN where a split holds one class only (a tiny local validation split)."""
+    """medmnist's AUC; NaN where a split holds one class only (a tiny local validation split) or the
+    scores are not finite (a diverged global model: the round is recorded, the run goes on)."""
     if not info.multi_label and len(np.unique(y_true)) < 2:
+        return math.nan
+    if not np.isfinite(y_score).all():  # a diverged model (e.g. poisoned): recorded as such, not a crash
         return math.nan
     return float(getAUC(y_true, y_score, info.task))
 

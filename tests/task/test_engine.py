@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,11 @@ def test_training_reports_compile_time_and_refuses_cuda_graphs_on_the_cpu(medmni
     with pytest.raises(ValueError, match="compile=cudagraphs needs a CUDA device"):
         train(model, data, info, epochs=1, batch_size=16, lr=0.01, weight_decay=0.0, device=cpu, seed=0,
               compile_mode="cudagraphs")
+
+
+def test_auc_of_a_diverged_model_is_nan_not_an_error(medmnist_root):
+    """A poisoned federation can drive the global model to NaN; the server records that round."""
+    info = task_info("breastmnist")
+    labels = load_split("breastmnist", "test", data_root=str(medmnist_root)).labels.numpy()
+    scores = np.full((len(labels), info.num_classes), np.nan)
+    assert math.isnan(medmnist_auc(labels, scores, info))
