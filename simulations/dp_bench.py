@@ -5,7 +5,8 @@ trains a random-init timm model (LoRA + norm + head) on synthetic uint8 images t
 ``engine.train``, once plainly (AdamW) and once with DP-SGD (``task/privacy.py``: Poisson batches
 of expected size ``--batch``, per-example gradients by vmap, clipping, noise), seeded and with the
 secure noise source, and writes images per second, peak memory and the DP/plain time ratio. Each
-variant runs a warm-up call first; the measured call's own seconds are reported.
+variant runs a warm-up call first; the measured call's own seconds are reported. On a shared machine
+``--repeats N`` measures the variants in turn N times and keeps each one's fastest call.
 """
 
 from __future__ import annotations
@@ -52,23 +53,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20, help="batches per measured call")
     parser.add_argument("--peft", default="lora+norm")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all variants; each keeps its fastest")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     base = {"model": args.model, "peft": args.peft, "batch-size": args.batch, "lr": 1e-3, "device": args.device}
     size = {"image-size": 224} if args.image_size == 224 else {"image-size": 28, "input-size": args.image_size}
     variants = {"plain": {}, "dp": {"dp-clip": 1.0, "dp-noise": 1.0},
                 "dp_secure_rng": {"dp-clip": 1.0, "dp-noise": 1.0, "dp-secure-rng": True}}
-    results = {}
-    for name, extra in variants.items():
-        results[name] = measure(RunConfig.from_mapping({**base, **size, **extra}), args.batches, device)
-        print(f"[dp_bench] {name}: {results[name]['img_per_s']:.1f} img/s, "
-              f"{results[name]['peak_memory_mb']:.0f} MB peak", flush=True)
+    results: dict[str, dict[str, float]] = {}
+    for _ in range(args.repeats):
+        for name, extra in variants.items():
+            got = measure(RunConfig.from_mapping({**base, **size, **extra}), args.batches, device)
+            print(f"[dp_bench] {name}: {got['img_per_s']:.1f} img/s, {got['peak_memory_mb']:.0f} MB peak", flush=True)
+            if name not in results or got["img_per_s"] > results[name]["img_per_s"]:
+                results[name] = got
     plain = results["plain"]["train_seconds"] / results["plain"]["samples_seen"]
     ratios = {f"{k}_over_plain_time_per_image": v["train_seconds"] / v["samples_seen"] / plain
               for k, v in results.items() if k != "plain"}
     out = {"what": "engine.train, one local epoch of synthetic images, plain AdamW vs DP-SGD (clip 1, sigma 1, "
                    "Poisson batches of the expected size); time per image", "model": args.model,
            "image_size": args.image_size, "peft": args.peft, "batch_size": args.batch, "batches": args.batches,
+           "repeats": args.repeats,
            "precision": "bf16 autocast" if device.type == "cuda" else "fp32", **results, **ratios,
            "hardware": hardware(), "versions": versions(), "date": datetime.now().isoformat(timespec="seconds")}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
