@@ -1,8 +1,8 @@
 """Run the fedmeld apps under Flower's deployment runtime on this machine.
 
-``fedmeld deploy [--supernodes N] [--gpus 0,1] [--certs DIR | --insecure] [key=value ...]`` starts a
-SuperLink and N SuperNodes on localhost (loopback only), each SuperNode pointed at its own data
-partition through ``--node-config`` and, with ``--gpus``, pinned to one of the listed GPUs
+``fedmeld deploy [--supernodes N] [--gpus 0,1] [--certs DIR | --insecure] [--resume RUN_DIR] [key=value ...]``
+starts a SuperLink and N SuperNodes on localhost (loopback only), each SuperNode pointed at its own
+data partition through ``--node-config`` and, with ``--gpus``, pinned to one of the listed GPUs
 (round-robin, so several SuperNodes may share a GPU). It then submits the app with ``flwr run``,
 follows the run until it ends, and stops every process it started, also on failure or Ctrl-C.
 
@@ -13,6 +13,11 @@ authentication (a shared secret signs every task claim on the Runtime APIs, so n
 can take a ServerApp or ClientApp task). The credentials are generated into ``HOME/certs``
 (``fedmeld keys``, ``simulations/security.py``) or taken from ``--certs DIR``. ``--insecure`` turns all
 three off, for a laptop.
+
+A SuperLink restart keeps the federation: its state (registered nodes, runs, messages in flight)
+lives in ``HOME/superlink.db`` (``--database``), and the SuperNodes and, secure, the ServerApp
+reconnect by themselves. A run whose ServerApp died (under ``--insecure``, a SuperLink crash takes it
+along) continues after its last completed round: ``fedmeld deploy --resume RUN_DIR``.
 
 ``--isolation`` picks who runs the ClientApp. ``process`` (default): each SuperNode runs with
 ``--isolation process`` (through ``fedmeld supernode``, which shortens its hard-coded 3 s
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedmeld.simulations.run import load_config
+from fedmeld.simulations.run import load_config, resume_config
 from fedmeld.simulations.security import (
     SUPEREXEC_SECRET,
     CredentialError,
@@ -55,6 +60,8 @@ STATUS_SECONDS = 15.0  # between `flwr ls` calls (about 1.3 s of CPU each) until
 CONNECTION = "deploy"  # the flwr CLI's name for this SuperLink in $FLWR_HOME/config.toml
 JOINED = re.compile(r"SuperNode ID: (\d+)")  # a SuperNode's log line once the SuperLink activated it
 RETRY_SECONDS = 1.0  # between attempts to restart a SuperNode that the SuperLink still counts as online
+DATABASE = "superlink.db"  # the SuperLink's state in HOME: it outlives a SuperLink restart
+SERVERAPP = "flwr-serverapp"  # the process Flower's SuperExec starts for each run
 
 
 def write_app(folder: Path) -> Path:
@@ -125,14 +132,16 @@ def superlink_commands(port: int, home: Path, credentials: Credentials | None,
                        secret: Path | None) -> dict[str, list[str]]:
     """The SuperLink and, when secure, the SuperExec that runs its ServerApps, by log name. Secure,
     the SuperLink runs with ``--isolation process``: Flower signs no task claims with its own
-    SuperExec, and its Runtime API shares the port hospitals reach."""
-    common = ["--disable-runtime-dependency-installation", "--port", str(port)]
+    SuperExec, and its Runtime API shares the port hospitals reach. Its state (registered nodes,
+    runs, messages) lives in ``HOME/superlink.db``, so a restarted SuperLink carries on where it
+    stopped (README, "Restarting the SuperLink")."""
+    common = ["--database", str(home / DATABASE), "--disable-runtime-dependency-installation", "--port", str(port)]
     if credentials is None:
         return {"superlink": ["flower-superlink", "--insecure", *common]}
     return {"superlink": ["flower-superlink", "--ssl-ca-certfile", str(credentials.ca),
                           "--ssl-certfile", str(credentials.server_cert), "--ssl-keyfile", str(credentials.server_key),
-                          "--enable-supernode-auth", "--database", str(home / "superlink.db"),
-                          "--isolation", "process", "--superexec-auth-secret-file", str(secret), *common],
+                          "--enable-supernode-auth", "--isolation", "process",
+                          "--superexec-auth-secret-file", str(secret), *common],
             "superexec": ["flower-superexec", "--runtime-api-address", f"127.0.0.1:{port}",
                           "--root-certificates", str(credentials.ca), "--superexec-auth-secret-file", str(secret)]}
 
@@ -255,14 +264,60 @@ class Deployment:
             raise RuntimeError(f"SuperNode {index} has not joined; see {self.home / f'supernode-{index}.log'}")
         return int(ids[-1])
 
+    def kill(self, name: str) -> None:
+        """A crash: SIGKILL process ``name`` and every process under it, with no chance to say goodbye."""
+        proc = self.procs.pop(name)
+        _signal([proc.pid, *_descendants(proc.pid)], signal.SIGKILL)
+        proc.wait()
+
     def kill_supernode(self, index: int) -> None:
-        """A crash: SIGKILL SuperNode ``index`` and its executor, with no chance to say goodbye. The
-        SuperLink counts the node online until two missed heartbeats (up to 60 s)."""
+        """A crash of SuperNode ``index`` and its executor. The SuperLink counts the node online until
+        two missed heartbeats (``fedmeld supernode --heartbeat-interval``: 20 s at most here)."""
         for name in (f"executor-{index}", f"supernode-{index}"):
             if name in self.procs:
-                proc = self.procs.pop(name)
-                _signal([proc.pid, *_descendants(proc.pid)], signal.SIGKILL)
-                proc.wait()
+                self.kill(name)
+
+    def kill_superlink(self) -> None:
+        """A crash of the SuperLink. Secure, the SuperExec and the ServerApp it runs are processes of
+        their own and live on; under ``--insecure`` they are Flower's children of the SuperLink and
+        die with it (the run then needs a resume)."""
+        self.kill("superlink")
+
+    def restart_superlink(self, timeout: float = 60) -> None:
+        """Start the SuperLink again with its own command: the same port, certificates and database,
+        so it knows the registered nodes, the runs and the messages in flight. SuperNodes, the
+        SuperExec and a live ServerApp reconnect by themselves (Flower retries with backoff)."""
+        self.start("superlink", self.commands["superlink"])
+        self._wait_for_port(self.port, timeout)
+
+    def serverapps(self) -> list[int]:
+        """The live ServerApp processes (one per running run) among those this deployment started."""
+        return [pid for proc in self.procs.values() for pid in _descendants(proc.pid)
+                if any(Path(arg).name == SERVERAPP for arg in _cmdline(pid)[:2])]
+
+    def kill_serverapp(self, timeout: float = 30) -> list[int]:
+        """A crash of the ServerApp (SIGKILL), everything else left running; the pids killed. Its run
+        still counts as running in the SuperLink: end it with ``stop_run`` before resubmitting."""
+        pids = self.serverapps()
+        if not pids:
+            raise RuntimeError(f"no {SERVERAPP} process is running in this deployment ({self.home})")
+        _signal(pids, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while any(_alive(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{SERVERAPP} {pids} still alive {timeout:.0f} s after SIGKILL")
+            time.sleep(0.1)
+        return pids
+
+    def stop_run(self, run_id: int) -> None:
+        """``flwr stop``: end a run whose ServerApp died, so its queued messages go nowhere."""
+        out = self.flwr("stop", str(run_id), CONNECTION, "--format", "json")
+        try:
+            answer = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            answer = {"success": False, "error-message": f"{out.stdout}\n{out.stderr}"}
+        if not answer.get("success"):
+            raise RuntimeError(f"flwr stop {run_id} failed: {answer.get('error-message', answer)}")
 
     def restart_supernode(self, index: int, timeout: float = 180) -> int:
         """Start SuperNode ``index`` again with its own command (same key, partition and Runtime port),
@@ -300,11 +355,14 @@ class Deployment:
               f"{sum(n.startswith('supernode-') for n in self.procs)} SuperNodes; logs in {self.home}", flush=True)
         return run_id
 
-    def follow(self, run_id: int, run_dir: Path, poll_seconds: float = 2.0) -> Path:
+    def follow(self, run_id: int, run_dir: Path, poll_seconds: float = 2.0, timeout: float | None = None) -> Path:
         """Print each round as ``run_dir/metrics.jsonl`` gains it until the run ends; ``run_dir`` once it
-        completed (``flwr run`` alone exits 0 on failure too)."""
+        completed (``flwr run`` alone exits 0 on failure too). TimeoutError after ``timeout`` seconds."""
         shown, checked = 0, -STATUS_SECONDS
+        deadline = time.monotonic() + timeout if timeout is not None else None
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} did not end within {timeout:.0f} s; see {self.home}/*.log")
             metrics = run_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines() if metrics.exists() else []
             for line in lines[shown:]:
@@ -331,10 +389,11 @@ class Deployment:
     def stop(self) -> None:
         """Last started first (each executor, its SuperNode, ..., then the SuperLink), each with every
         process under it: Flower starts its SuperExec and app processes in sessions of their own, so
-        process groups miss them."""
+        process groups miss them. A paused (SIGSTOP) process is woken to act on the SIGTERM."""
         for proc in reversed(list(self.procs.values())):
             tree = [proc.pid, *_descendants(proc.pid)]
             _signal(tree, signal.SIGTERM)
+            _signal(tree, signal.SIGCONT)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
                 proc.poll()  # reap our own child as soon as it exits
@@ -361,6 +420,15 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    """The arguments process ``pid`` was started with; [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def _alive(pid: int) -> bool:
@@ -394,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedmeld deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + " Starts a local SuperLink and SuperNodes, runs, stops them.\n\n"
-        + "\n\n".join(__doc__.split("\n\n")[2:4]),
+        + "\n\n".join(__doc__.split("\n\n")[2:5]),
         epilog="run-config keys (key = default {choices}):\n" + describe())
-    parser.add_argument("--supernodes", type=int, default=2, help="SuperNodes (hospitals) to start; default 2")
+    parser.add_argument("--supernodes", type=int, help="SuperNodes (hospitals) to start; default 2 (with --resume: "
+                                                        "the run's num-clients)")
     parser.add_argument("--gpus", default="", help="comma-separated GPU indices to spread SuperNodes over "
                                                    "round-robin, e.g. 0,1; empty: each node uses device=auto")
     parser.add_argument("--isolation", choices=ISOLATIONS, default="process",
@@ -412,18 +481,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", help="FLWR_HOME for this deployment (state, logs, generated credentials); "
                                        "default: a new temp dir")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file with a flat table of run-config keys")
+    parser.add_argument("--resume", metavar="RUN_DIR", type=Path,
+                        help="continue a run whose ServerApp or deployment died, after its last completed round, "
+                             "with its config (key=value may set only data-root and device); use the same --home "
+                             "to keep its credentials")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, [f"num-clients={args.supernodes}", f"min-clients={args.supernodes}",
-                                        *args.overrides])
+        if args.resume:
+            if args.config:
+                parser.error("--resume takes the run's own config: drop --config")
+            cfg = resume_config(args.resume, args.overrides)
+            nodes = cfg.num_clients
+            if args.supernodes not in (None, nodes):
+                parser.error(f"--supernodes {args.supernodes}: the run in {args.resume} has num-clients="
+                             f"{cfg.num_clients}, one SuperNode per client; drop --supernodes")
+        else:
+            nodes = args.supernodes or 2
+            cfg = load_config(args.config, [f"num-clients={nodes}", f"min-clients={nodes}", *args.overrides])
     except (ConfigError, OSError) as err:
         parser.error(str(err))
     home = Path(args.home or tempfile.mkdtemp(prefix="fedmeld-deploy-")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     try:
-        print(run_deployment(cfg, args.supernodes, gpus, home, isolation=args.isolation, insecure=args.insecure,
+        print(run_deployment(cfg, nodes, gpus, home, isolation=args.isolation, insecure=args.insecure,
                              certs=args.certs))
     except CredentialError as err:
         parser.error(str(err))

@@ -1,23 +1,34 @@
 """simulations/deploy.py: the deployment recipe. A SuperLink and SuperNodes on localhost finish their
 rounds, with TLS and SuperNode/SuperExec authentication (the default) or without (--insecure); the
-secure SuperLink refuses nodes it should not admit; a SuperNode that dies mid-round costs that round
-one client and rejoins when restarted; afterwards nothing is left running (the executor itself:
-tests/task/flower/test_executor.py; the credentials: test_security.py)."""
+secure SuperLink refuses nodes it should not admit; the drills: a SuperNode that dies mid-round
+costs that round one client and trains in the next when restarted, a SuperLink restarted mid-round
+loses nothing, a killed ServerApp resumes from its checkpoint with the uninterrupted run's numbers;
+afterwards nothing is left running (the executor itself: tests/task/flower/test_executor.py; the
+credentials: test_security.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
+from fedmeld.server.checkpoint import Checkpoint
+from fedmeld.simulations import deploy
 from fedmeld.simulations.deploy import (
     JOINED,
     Deployment,
     NodeSecurity,
+    _signal,
     connection_config,
     deployment_credentials,
     node_config,
@@ -25,8 +36,9 @@ from fedmeld.simulations.deploy import (
     superlink_commands,
     supernode_commands,
 )
-from fedmeld.simulations.run import load_config
+from fedmeld.simulations.run import load_config, resume_config
 from fedmeld.simulations.security import create_node_keys
+from fedmeld.task.config import RunConfig
 
 SECURE = NodeSecurity(Path("/c/ca.pem"), Path("/c/supernode-1.key"), Path("/h/superexec.secret"))
 
@@ -83,7 +95,8 @@ def test_secure_superlink_admits_registered_nodes_only_and_runs_its_serverapps_t
     assert _flag(superexec, "--root-certificates") == str(credentials.ca)
     assert _flag(superexec, "--superexec-auth-secret-file") == str(secret)
     assert superlink_commands(8000, tmp_path, None, None) == {"superlink": [
-        "flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--port", "8000"]}
+        "flower-superlink", "--insecure", "--database", str(tmp_path / "superlink.db"),
+        "--disable-runtime-dependency-installation", "--port", "8000"]}  # insecure too: a restart keeps its state
     assert tomllib.loads(connection_config(8000, credentials.ca))["superlink"] == {
         "default": "deploy", "deploy": {"address": "127.0.0.1:8000", "root-certificates": str(credentials.ca)}}
     assert tomllib.loads(connection_config(8000, None))["superlink"]["deploy"]["insecure"] is True
@@ -97,12 +110,59 @@ def test_a_deployment_home_generates_its_credentials_once(tmp_path):
     assert deployment_credentials(tmp_path, 2, None) == first and first.node_keys[1].read_bytes() == key
 
 
+def test_deploy_resume_continues_a_run_with_its_own_config_and_one_supernode_per_client(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """``fedmeld deploy --resume RUN_DIR`` takes the config from the run's checkpoint and starts as
+    many SuperNodes as the run has clients; what would not fit is refused before anything starts."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = RunConfig.from_mapping({"num-clients": 3, "num-server-rounds": 4, "lr": 0.05}).to_flower()
+    Checkpoint(1, config, {}, {}, {"global": {"w": torch.ones(2)}, "protocol": {}, "selected": {}}).save(run)
+    started = []
+    monkeypatch.setattr(deploy, "run_deployment", lambda cfg, nodes, *args, **kwargs: started.append((cfg, nodes)))
+
+    assert deploy.main(["--resume", str(run), "--insecure"]) == 0
+    [(cfg, nodes)] = started
+    assert (nodes, cfg.resume, cfg.lr, Path(cfg.out) / cfg.run_name) == (3, str(run), 0.05, run)
+    refusals = {"--supernodes 2": "has num-clients=3, one SuperNode per client",
+                "--config x.toml": "--resume takes the run's own config",
+                "lr=0.1": "started with other values for lr"}
+    for extra, message in refusals.items():
+        with pytest.raises(SystemExit) as refused:
+            deploy.main(["--resume", str(run), *extra.split()])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        deploy.main(["--resume", str(tmp_path)])
+    assert "is not a fedmeld run directory" in capsys.readouterr().err and len(started) == 1
+
+
+def _overrides(medmnist_root: Path, tmp_path: Path, run_name: str, *overrides: str) -> list[str]:
+    """A small job every deployment test runs: ResNet-10t, one local epoch in batches of 64, IID
+    (every node has a validation split)."""
+    return [f'data-root="{medmnist_root}"', f'out="{tmp_path / "runs"}"', f'run-name="{run_name}"',
+            'model="resnet10t"', "num-clients=2", "min-clients=2", "num-server-rounds=2", "local-epochs=1",
+            "batch-size=64", 'partition="iid"', *overrides]
+
+
 def _config(medmnist_root: Path, tmp_path: Path, run_name: str, *overrides: str):
-    """A small job every deployment test runs: ResNet-10t, one local epoch, IID (every node has a
-    validation split)."""
-    return load_config(None, [f'data-root="{medmnist_root}"', f'out="{tmp_path / "runs"}"', f'run-name="{run_name}"',
-                              'model="resnet10t"', "num-clients=2", "min-clients=2", "num-server-rounds=2",
-                              "local-epochs=1", 'partition="iid"', *overrides])
+    return load_config(None, _overrides(medmnist_root, tmp_path, run_name, *overrides))
+
+
+def _until_both_train(fed: Deployment, server_round: int) -> None:
+    """Until both SuperNodes have received their train instruction of ``server_round``."""
+    for i in range(2):
+        fed.wait_for(f"supernode-{i}", rf"(?s)(Receiving: train message.*){{{server_round}}}", timeout=300)
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    with safe_open(str(run_dir / "checkpoint.safetensors"), "pt") as f:
+        return int(f.metadata()["round"])
+
+
+def _model_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl less what is measured (times, speeds, memory)."""
+    measured = ("seconds", "img_per_s", "memory")
+    return [{k: v for k, v in r.items() if not any(m in k for m in measured)} for r in _records(run_dir)]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -186,42 +246,99 @@ def test_secure_superlink_refuses_what_it_should_not_admit(tmp_path):
     assert _cmdlines(str(home)) == []
 
 
-def test_a_supernode_killed_mid_round_costs_that_round_one_client_and_rejoins_when_restarted(medmnist_root,
-                                                                                              tmp_path):
+def test_a_supernode_killed_mid_round_costs_that_round_one_client_and_takes_part_in_the_next(medmnist_root,
+                                                                                               tmp_path):
     """Three SuperNodes; SuperNode 2 is killed (SIGKILL, with its executor) as round 2's training
-    reaches it. Round 2 goes on with the other two after round-timeout and records the dead node.
-    Restarted at once with the same key, the node is refused until the SuperLink gives up its crashed
-    session (two missed heartbeats: 37-60 s after the kill), and joins the first round sampled after
-    that. Which round that is, is a race: the ServerApp, waiting for the dead node's evaluation reply,
-    notices the expiry within its 0.2 s poll and starts round 3 at once, while the restarted node
-    retries every second or two (round 3 in some runs, round 4 or 5 in others). round-timeout 33 s:
-    below the 37 s before a dead node can expire, so round 2's training ends by the timeout, and its
-    evaluation (33 s more) outlasts the expiry."""
+    reaches it, and restarted at once with the same key. The SuperLink refuses it until it gives up
+    the crashed session (two missed heartbeats: 16-20 s with fedmeld supernode's 10 s interval) and
+    answers the ServerApp for it ("Node Unavailable"); round 2 then ends with the other two and
+    records the dead node, and the restarted node trains in round 3. The other two executors are
+    paused (SIGSTOP) from the kill until the node is back: they stand for hospitals whose training
+    outlasts a restart, as in a federation whose rounds take minutes. Unpaused, the ServerApp
+    starts round 3 as soon as the dead node expires, before the restarted node (a new process)
+    is back: it would then join in round 4."""
     home = tmp_path / "flwr-home"
     home.mkdir()
-    cfg = _config(medmnist_root, tmp_path, "drill", "num-clients=3", "num-server-rounds=5", "round-timeout=33")
+    cfg = _config(medmnist_root, tmp_path, "drill", "num-clients=3", "num-server-rounds=3", "round-timeout=120")
     with Deployment(home, 3, [], cfg.data_root, credentials=deployment_credentials(home, 3, None)) as fed:
         run_id = fed.submit(cfg)
         fed.wait_for("supernode-2", r"(?s)(Receiving: train message.*){2}", timeout=300)  # round 2's
-        victim = fed.node_id(2)
+        victim, others = fed.node_id(2), [fed.procs[f"executor-{i}"].pid for i in range(2)]
         fed.kill_supernode(2)
-        assert fed.restart_supernode(2, timeout=180) == victim  # the same identity: its registered key
-        run_dir = fed.follow(run_id, Path(cfg.out) / cfg.run_name, poll_seconds=1.0)
+        _signal(others, signal.SIGSTOP)
+        try:
+            killed = time.monotonic()
+            assert fed.restart_supernode(2, timeout=120) == victim  # the same identity: its registered key
+            back_after = time.monotonic() - killed
+        finally:
+            _signal(others, signal.SIGCONT)
+        run_dir = fed.follow(run_id, Path(cfg.out) / cfg.run_name, poll_seconds=1.0, timeout=300)
         log = (home / "supernode-2.log").read_text()
         restarted_executor = (home / "executor-2.log").read_text().split("fedmeld executor: running")[-1]
 
     records = _records(run_dir)
-    clients = [r["num_clients_ok"] for r in records]
-    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
-    assert (clients[0], records[0]["failed_nodes"]) == (3, [])
-    assert (clients[1], records[1]["num_clients_failed"]) == (2, 1)
-    assert records[1]["failed_nodes"] == [[victim, "no reply within round-timeout"]]
-    assert records[1]["applied"] and records[1]["round_seconds"] > 33  # the other two's update counts
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["partitions_ok"] for r in records] == [[0, 1, 2], [0, 1], [0, 1, 2]]  # back in round 3
+    assert records[0]["failed_nodes"] == records[2]["failed_nodes"] == []
+    # Flower answers for the dead node as the SuperLink (node id 1, "Node Unavailable"), and the
+    # strategy files that answer under node 1 and the dead node as silent: the node and the count
+    # are right, the reason depends on that mapping (server/strategy.py)
+    assert victim in dict(map(tuple, records[1]["failed_nodes"])), records[1]["failed_nodes"]
+    assert records[1]["num_clients_failed"] == 1 and records[1]["applied"]  # the other two's update counts
+    assert 15 < back_after < 60, back_after  # expired after two missed 10 s heartbeats, not Flower's 30 s ones
     assert "[code: 2004] Failed to activate SuperNode." in log  # refused while its old session lived
-    back = clients.index(3, 2)  # the first round after round 2 with all three: once back, it stays
-    assert clients[2:] == [2] * (back - 2) + [3] * (5 - back) and all(r["failed_nodes"] == [] for r in records[2:])
     assert "Receiving: train message" in log.split("SuperNode ID")[-1] and "train task completed" in restarted_executor
     assert _cmdlines(str(home)) == []
+
+
+def test_the_superlink_restarts_under_a_running_federation_and_a_killed_serverapp_resumes(medmnist_root, tmp_path):
+    """One secure deployment, two SuperNodes, four rounds, two crashes. While both nodes train in
+    round 2, the SuperLink is killed (SIGKILL) and restarted on its port and database: the
+    SuperNodes reconnect by themselves with their node ids and push their replies, and the same
+    ServerApp (a process of the SuperExec, not of the SuperLink) carries the run on. After round 2,
+    as both nodes train in round 3, the ServerApp is killed; the run is stopped (``flwr stop``) and
+    submitted again with resume=RUN_DIR, and continues from its round-2 checkpoint. metrics.jsonl
+    ends with rounds 1-4 once each, equal to an uninterrupted run of the same seed (the in-process
+    backend: a deployment computes the same numbers)."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    cfg = _config(medmnist_root, tmp_path, "crashed", "num-server-rounds=4", "round-timeout=120")
+    run_dir = Path(cfg.out) / cfg.run_name
+    reference = _overrides(medmnist_root, tmp_path, "whole", "num-server-rounds=4", "round-timeout=120")
+    with (tmp_path / "whole.log").open("w") as log:  # alongside the drill, which mostly waits
+        whole = subprocess.Popen([sys.executable, "-m", "fedmeld.simulations.cli", "run", "--backend", "inprocess",
+                                  *reference], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with Deployment(home, 2, [], cfg.data_root, credentials=deployment_credentials(home, 2, None)) as fed:
+            _crash_superlink_and_serverapp(fed, cfg, run_dir)
+            superlink_log = (home / "superlink.log").read_text()
+        assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()
+    finally:
+        whole.kill()
+    assert superlink_log.count("Starting Flower SuperLink") == 2
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    assert all(r["partitions_ok"] == [0, 1] and r["applied"] for r in records)
+    assert json.dumps(_model_rows(run_dir)) == json.dumps(_model_rows(tmp_path / "runs" / "whole"))  # NaN too
+    assert _cmdlines(str(home)) == []
+
+
+def _crash_superlink_and_serverapp(fed: Deployment, cfg: RunConfig, run_dir: Path) -> None:
+    """The two crashes of the drill above, each checked as it happens."""
+    first = fed.submit(cfg)
+    _until_both_train(fed, 2)  # round 2's instructions are stored and delivered
+    [serverapp], nodes = fed.serverapps(), [fed.node_id(i) for i in range(2)]
+    logs = {name: (fed.home / f"{name}.log").stat().st_size for name in ("superlink", "supernode-0", "supernode-1")}
+    fed.kill_superlink()
+    fed.restart_superlink()
+    _until_both_train(fed, 3)  # round 2 ended through the new SuperLink; round 3 is under way
+    since = {name: (fed.home / f"{name}.log").read_bytes()[size:].decode() for name, size in logs.items()}
+    assert not any(JOINED.search(since[f"supernode-{i}"]) for i in range(2))  # no new activation: same sessions
+    assert all(f"Push replies from node_id={node}" in since["superlink"] for node in nodes)  # to the new one
+    assert fed.kill_serverapp() == [serverapp]  # the one that started the run, alive until now
+    fed.stop_run(first)
+    assert _checkpoint_round(run_dir) == 2
+    fed.follow(fed.submit(resume_config(run_dir, [])), run_dir, poll_seconds=1.0, timeout=600)
 
 
 def _cmdlines(env_marker: str) -> list[str]:

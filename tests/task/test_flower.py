@@ -75,6 +75,64 @@ def test_flower_supernode_entry_point_exists():
     assert callable(flower_supernode)
 
 
+def test_the_supernode_heartbeat_interval_is_read_where_fedmeld_supernode_sets_it(monkeypatch):
+    """``fedmeld supernode --heartbeat-interval`` rebinds HEARTBEAT_DEFAULT_INTERVAL in the module that
+    announces it to the SuperLink and in the one that paces the beats; both must read it at call time."""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    from fedmeld.task.flower.supernode import set_heartbeat
+
+    for module in (fleet_http_connection, heartbeat):
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)  # undone after
+    set_heartbeat(12)
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 12
+    assert inspect.getsource(fleet_http_connection).count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2
+    assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(heartbeat.HeartbeatSender._run)
+    with pytest.raises(ValueError, match="accepts 10 to 1800 s"):
+        set_heartbeat(5)
+
+
+def test_a_task_the_supernode_created_for_a_message_it_then_ignored_is_finished():
+    """``finish_ignored_tasks`` wraps the loop's ``_pull_and_store_message`` (called with state=...):
+    a task created in a call that returns None (the run stopped) is failed; others are left alone."""
+    from flwr.supernode import start_client_internal
+
+    from fedmeld.task.flower.supernode import finish_ignored_tasks
+
+    assert "_pull_and_store_message(\n                state=state," in inspect.getsource(start_client_internal)
+    assert "Ignoring message" in inspect.getsource(start_client_internal._pull_and_store_message)
+
+    class State:
+        def __init__(self) -> None:
+            self.tasks, self.finished = 0, []
+
+        def create_task(self, **_: object) -> int:
+            self.tasks += 1
+            return self.tasks
+
+        def finish_task(self, task_id: int, sub_status: str, details: str) -> bool:
+            self.finished.append((task_id, sub_status))
+            return True
+
+    outcomes = iter([None, 7, None])  # ignored (run stopped), handled, no message at all
+
+    def pull_and_store(state: State) -> int | None:
+        run_id = next(outcomes)
+        if run_id is not None or state.tasks == 0:  # the third call pulls nothing and creates no task
+            state.create_task(run_id=run_id)
+        return run_id
+
+    loop = types.ModuleType("loop")
+    loop._pull_and_store_message = pull_and_store
+    finish_ignored_tasks(loop)
+    state = State()
+    assert [loop._pull_and_store_message(state=state) for _ in range(3)] == [None, 7, None]
+    assert state.finished == [(1, "failed")] and "create_task" not in vars(state)  # the spy is gone
+    with pytest.raises(RuntimeError, match="no longer has _pull_and_store_message"):
+        finish_ignored_tasks(types.ModuleType("changed"))
+
+
 def test_the_clientapp_steps_the_executor_reuses():
     from flwr.supernode.runtime import run_clientapp
 
