@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fedmeld.server.report import atomic_write
-from fedmeld.task.config import ConfigError, RunConfig
+from fedmeld.task.config import ConfigError, RunConfig, defaults
 
 FILE = "checkpoint.safetensors"
 PART = ("global/", "protocol/", "selected/")
@@ -70,10 +70,11 @@ class Checkpoint:
     def check(self, cfg: RunConfig) -> None:
         """Refuse to continue a run with a different config: the result would be neither run."""
         mine = cfg.to_flower()
-        differ = sorted(k for k in mine if k not in NODE_SPECIFIC and self.config.get(k) != mine[k])
+        theirs = {**defaults(), **self.config}  # a key added since the checkpoint was written: its default
+        differ = sorted(k for k in mine if k not in NODE_SPECIFIC and theirs[k] != mine[k])
         if differ:
             raise ConfigError(f"resume: the run was started with other values for {', '.join(differ)} "
-                              f"({', '.join(f'{k}={self.config.get(k)!r}' for k in differ)}); resume with "
+                              f"({', '.join(f'{k}={theirs[k]!r}' for k in differ)}); resume with "
                               f"those, or start a new run")
         if self.round >= cfg.num_server_rounds:
             raise ConfigError(f"resume: the run already completed all {cfg.num_server_rounds} rounds")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -249,6 +250,7 @@ class FedmeldStrategy(FedAvg):
         self.min_replies = min_replies  # fewer good train replies: the round is recorded, not applied
         self.round_stats: dict[int, dict] = {}  # what metrics.jsonl records per round
         self._sampled: dict[int, list[int]] = {}  # round -> nodes sent a train instruction
+        self._sent: dict[int, list[Message]] = {}  # round -> its train instructions
         self._partitions: dict[int, int] = {}  # node id -> partition id, as the node reported it
         self.num_partitions = num_partitions  # what the run config says; nodes that disagree end the run
         self.budget = budget  # DP: the ledger and the dp-max-epsilon check
@@ -321,6 +323,7 @@ class FedmeldStrategy(FedAvg):
                                   MessageType.TRAIN)
         self.round_stats[server_round].update(num_sampled=len(messages), num_clients_failed=len(messages))
         self._sampled[server_round] = [m.metadata.dst_node_id for m in messages]
+        self._sent[server_round] = messages  # Flower sets their message ids as it pushes them
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -336,18 +339,23 @@ class FedmeldStrategy(FedAvg):
         failed: dict[int, str] = {}  # node -> why its reply is not used
         answered = set()
         reported: dict[int, DPPlan | None] = {}  # node -> the DP-SGD round its reply reports
+        # the SuperLink answers for a node it gave up ("Node Unavailable") as itself: by the instruction
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.pop(server_round, [])}
         for msg in replies:
-            answered.add(msg.metadata.src_node_id)
+            node = msg.metadata.src_node_id
+            if node == SUPERLINK_NODE_ID:
+                node = to_node.get(msg.metadata.reply_to_message_id, node)
+            answered.add(node)
             if not msg.has_error() and "metrics" in msg.content.metric_records:
-                reported[msg.metadata.src_node_id] = DPPlan.from_metrics(msg.content["metrics"])
+                reported[node] = DPPlan.from_metrics(msg.content["metrics"])
             try:
                 reply = parse_reply(msg, self.protocol)
                 if self.budget and self.budget.query and reported.get(reply.node_id) is None:
                     raise BadReply("no DP-SGD report (dp_sample_rate, dp_steps, dp_noise_multiplier) under dp-clip")
                 good.append((msg, reply))
             except BadReply as bad:
-                failed[msg.metadata.src_node_id] = str(bad)
-                log.warning("round %d: rejected reply from node %d: %s", server_round, msg.metadata.src_node_id, bad)
+                failed[node] = str(bad)
+                log.warning("round %d: rejected reply from node %d: %s", server_round, node, bad)
         for node in set(self._sampled.get(server_round, [])) - answered:
             failed[node] = "no reply within round-timeout"
             log.warning("round %d: node %d sent no reply within round-timeout", server_round, node)

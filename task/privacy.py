@@ -23,6 +23,7 @@ history. Only torch and Opacus: no Flower.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -31,8 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -41,6 +40,23 @@ from fedmeld.peft import LoRALinear
 from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import Split, TaskInfo
 from fedmeld.task.engine import Inputs, _autocast, _num_correct, _peak_memory_mb, loss_fn
+
+
+def _import_opacus() -> tuple[type, Callable[..., float]]:
+    """Opacus's RDP accountant and noise calibration. Importing opacus calls ``logging.basicConfig``
+    (opacus/utils/module_utils.py), which gives a process without log handlers a second root handler
+    and every Flower log line twice: the root logger is put back as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return RDPAccountant, get_noise_multiplier
+
+
+RDPAccountant, get_noise_multiplier = _import_opacus()
 
 ACCOUNTANT = "rdp"  # Opacus's RDP accountant: the one every ε here comes from
 CLIENTS = "clients"  # the ledger's key for client-level DP (sample-level keys are partition ids)

@@ -101,3 +101,18 @@ def test_the_checkpoint_keeps_the_privacy_ledger(tmp_path):
     meta = {"round": "1", "config": "{}", "initial": "{}", "protocol": "{}"}  # no "privacy": an older checkpoint
     save_file({"global/w": torch.ones(2)}, str(tmp_path / "checkpoint.safetensors"), metadata=meta)
     assert Checkpoint.load(tmp_path).privacy == {}
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_path):
+    """Keys added since a checkpoint was written ran as their defaults then; a changed value is still refused."""
+    import torch
+
+    from fedmeld.server.checkpoint import Checkpoint
+    from fedmeld.task.config import ConfigError, RunConfig, defaults
+
+    older = {k: v for k, v in defaults().items() if k not in ("init", "compile", "dp-clip")}
+    Checkpoint(2, older, {}, {}, {"global": {"w": torch.ones(2)}, "protocol": {}, "selected": {}}).save(tmp_path)
+    checkpoint = Checkpoint.load(tmp_path)
+    checkpoint.check(RunConfig.from_mapping(older))
+    with pytest.raises(ConfigError, match=r"other values for init \(init='timm'\)"):
+        checkpoint.check(RunConfig.from_mapping({**older, "init": "torch"}))
