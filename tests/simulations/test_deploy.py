@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.common.constant import ErrorCode
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 from safetensors import safe_open
 
 from fedmeld.server.checkpoint import Checkpoint
@@ -280,10 +282,10 @@ def test_a_supernode_killed_mid_round_costs_that_round_one_client_and_takes_part
     assert [r["round"] for r in records] == [1, 2, 3]
     assert [r["partitions_ok"] for r in records] == [[0, 1, 2], [0, 1], [0, 1, 2]]  # back in round 3
     assert records[0]["failed_nodes"] == records[2]["failed_nodes"] == []
-    # Flower answers for the dead node as the SuperLink (node id 1, "Node Unavailable"), and the
-    # strategy files that answer under node 1 and the dead node as silent: the node and the count
-    # are right, the reason depends on that mapping (server/strategy.py)
-    assert victim in dict(map(tuple, records[1]["failed_nodes"])), records[1]["failed_nodes"]
+    # Flower answers for the dead node as the SuperLink (node id 1); the strategy files that answer
+    # under the node its instruction went to, with Flower's reason
+    assert records[1]["failed_nodes"] == [[victim, f"client error {ErrorCode.NODE_UNAVAILABLE}: "
+                                                   f"{NODE_UNAVAILABLE_ERROR_REASON.strip().splitlines()[-1]}"]]
     assert records[1]["num_clients_failed"] == 1 and records[1]["applied"]  # the other two's update counts
     assert 15 < back_after < 60, back_after  # expired after two missed 10 s heartbeats, not Flower's 30 s ones
     assert "[code: 2004] Failed to activate SuperNode." in log  # refused while its old session lived
