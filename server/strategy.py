@@ -343,7 +343,7 @@ class FedmeldStrategy(FedAvg):
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.pop(server_round, [])}
         for msg in replies:
             node = msg.metadata.src_node_id
-            if node == SUPERLINK_NODE_ID:
+            if node == SUPERLINK_NODE_ID and msg.has_error():
                 node = to_node.get(msg.metadata.reply_to_message_id, node)
             answered.add(node)
             if not msg.has_error() and "metrics" in msg.content.metric_records:
