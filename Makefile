@@ -19,10 +19,12 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@
+	@$(PYTHON) -m venv $(VENV)
+	@echo "setting up $(VENV) (first use: a few minutes)"
+	@# -qq: pip's errors only; its warnings (ignored index locations, the editable build's notice) drowned the run
+	@$(PY) -m pip install -qq --upgrade pip
+	@$(PY) -m pip install -qq -e '.[test]'
+	@touch $@
 
 run: setup  ## the default federated simulation; pass overrides as ARGS="key=value ..."
 	$(VENV)/bin/fedmeld run $(ARGS)

@@ -31,13 +31,13 @@ PROTOCOLS = {"delta": DeltaProtocol, "backbone-merge": BackboneMergeProtocol}
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     shorten_grid_waits(grid)
-    trace_grid(grid)  # FEDMELD_TRACE: where a round's time goes (fedmeld.task.trace)
     federate(grid, RunConfig.from_mapping(context.run_config))
 
 
 def federate(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round; return the run directory. The run config travels in every instruction,
     so each client trains exactly the model this server aggregates."""
+    trace_grid(grid)  # FEDMELD_TRACE: where a round's time goes, in every runtime (fedmeld.task.trace)
     checkpoint = Checkpoint.load(Path(cfg.resume).expanduser()) if cfg.resume else None
     if checkpoint is not None:
         checkpoint.check(cfg)
@@ -84,4 +84,4 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
         print(f"[fedmeld] privacy budget: {spent}", flush=True)
     last = protocol.export_state(model)
     selected = protocol.export_state(model, central.selected) if central.selected else None
-    return central.finish(model, last, protocol.global_state(), selected)
+    return central.finish(model, protocol.load_into, last, protocol.global_state(), selected)

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedmeld.server.strategy import Protocol, Reply, State
 from fedmeld.task.backbone_merge import (VERSION_KEY, Backbone, BackboneMergeServer, base_state, build_merge_model, checksum,
-                                         dense_rule, dense_state, global_dense, load)
+                                         dense_rule, dense_state, global_base, global_dense, load)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import TaskInfo
 
@@ -72,7 +72,7 @@ class BackboneMergeProtocol(Protocol):
         if state is None:
             load(model, self.server.backbone.base, self.server.dense)
         else:
-            load(model, {k[5:]: v for k, v in state.items() if k.startswith("base/")}, global_dense(state))
+            load(model, global_base(state), global_dense(state))
 
     def extra_state(self) -> tuple[State, dict]:
         return {}, {"version": self.server.version}
@@ -81,7 +81,7 @@ class BackboneMergeProtocol(Protocol):
         """The backbone at the checkpoint's version. Neither the update history nor the nodes'
         versions are kept (a node may have restarted too), so every node catches up with the whole
         backbone once."""
-        self.server.backbone = Backbone({k[5:]: v for k, v in global_state.items() if k.startswith("base/")},
+        self.server.backbone = Backbone(global_base(global_state),
                                         int(meta["version"]))
         self.server.dense = global_dense(global_state)
         self.server.updates = {}

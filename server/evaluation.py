@@ -11,13 +11,13 @@ chooses anything.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import MetricRecord
 
-from fedmeld.peft import load_adapter_state
 from fedmeld.server.checkpoint import Checkpoint
 from fedmeld.server.report import RunRecorder, default_run_name, make_run_dir, select_round
 from fedmeld.task.config import RunConfig
@@ -71,12 +71,12 @@ class CentralEvaluation:
             self.selected = snapshot(global_state)
         return MetricRecord(metrics)
 
-    def finish(self, model: torch.nn.Module, plain_state: State, global_state: State,
-               selected_plain_state: State | None = None) -> Path:
+    def finish(self, model: torch.nn.Module, load_into: Callable[[torch.nn.Module, State], None],
+               plain_state: State, global_state: State, selected_plain_state: State | None = None) -> Path:
         """Save the last round's ``global_state`` (adapter.safetensors) and the selected round's;
         export ``plain_state`` (the last round; loads into plain timm) and the selected round's, with
-        timm's config.json beside them, and both rounds' adapters for Hugging Face peft (``model``
-        holds the protocol's last load); write summary.json with the sizes every protocol reports;
+        timm's config.json beside them, and both rounds' adapters for Hugging Face peft (``load_into``:
+        the protocol's, which makes ``model`` compute a global state); write summary.json with the sizes every protocol reports;
         return the run directory."""
         rounds = self.recorder.rounds
         self.recorder.save_state(global_state, rounds[-1]["round"] if rounds else 0)
@@ -89,7 +89,7 @@ class CentralEvaluation:
         if selected_plain_state is not None:
             self.recorder.export_model(selected_plain_state, metadata, name="model_selected.safetensors")
         timm_config = write_timm_config(self.recorder.run_dir, self.cfg, self.info, plain_state)
-        hf_peft = self._export_hf_peft(model, global_state)
+        hf_peft = self._export_hf_peft(model, load_into, global_state)
         self.recorder.finish(
             self.cfg, model, self.test.labels, self.train_labels, export,
             global_state_bytes=nbytes(global_state), full_model_bytes=nbytes(plain_state),
@@ -99,7 +99,8 @@ class CentralEvaluation:
             exports={"timm_config": timm_config and timm_config.name, "hf_peft": hf_peft})
         return self.recorder.run_dir
 
-    def _export_hf_peft(self, model: torch.nn.Module, global_state: State) -> list[str] | str:
+    def _export_hf_peft(self, model: torch.nn.Module, load_into: Callable[[torch.nn.Module, State], None],
+                        global_state: State) -> list[str] | str:
         """hf_peft/ (the last round) and hf_peft_selected/ (the selected round, always, as
         model_selected.safetensors, so a script need not know whether it is the last); the directories
         written, or why none was (logged too: the run goes on)."""
@@ -108,8 +109,7 @@ class CentralEvaluation:
         if self.selected:
             states["hf_peft_selected"] = (select_round(rounds, self.cfg.select_metric)["round"], self.selected)
         for name, (server_round, state) in states.items():
-            if self.cfg.protocol == "delta":  # its global state is adapter tensors; local-params stay as loaded
-                load_adapter_state(model, state, strict=False)
+            load_into(model, state)
             reason = write_hf_peft(model, self.cfg, self.recorder.run_dir / name, server_round)
             if reason:
                 log.info("no Hugging Face peft export: %s; model_merged.safetensors holds the whole model", reason)

@@ -16,15 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedmeld.simulations.report import read_run
+
 
 def rows(sweep: Path, bench: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per finished run, in run-name order; ``bench``: peft -> DP/plain time per image."""
     out = []
     for summary_file in sorted((sweep / "runs").glob("*/summary.json")):
-        summary = json.loads(summary_file.read_text())
-        rounds = [json.loads(line) for line in (summary_file.parent / "metrics.jsonl").read_text().splitlines()]
-        cfg = summary["config"]
-        out.append({"run": summary_file.parent.name, "dataset": cfg["dataset"], "peft": cfg["peft"],
+        summary = read_run(summary_file.parent)
+        rounds, cfg = summary["rounds"], summary["config"]
+        out.append({"run": summary["run"], "dataset": cfg["dataset"], "peft": cfg["peft"],
                     "target_epsilon": cfg["dp-epsilon"] if cfg["dp-clip"] else None, "noise": cfg["dp-noise"],
                     "final_epsilon": rounds[-1].get("dp_epsilon"), "delta": rounds[-1].get("dp_delta"),
                     "rounds": len(rounds), "test_accuracy": summary["final_test_accuracy"],

@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="print Flower's and Ray's log lines and library warnings on the console (default: "
                              "into RUN_DIR/flower.log, with fedmeld's own progress and summary on the console)")
     args = parser.parse_args(argv)
+    if args.devices and args.backend != "inprocess":
+        print("fedmeld run: error: --devices places clients of the in-process backend: add --backend inprocess",
+              file=sys.stderr)
+        return 2
     try:
         cfg = resume_config(Path(args.resume), args.overrides) if args.resume else load_config(args.config,
                                                                                                 args.overrides)
@@ -198,10 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.resume or Path(cfg.out) / cfg.run_name)
     print(f"[fedmeld] {run_title(cfg.to_flower())} | {cfg.num_server_rounds} rounds | {args.backend} backend"
           + ("" if args.verbose else f" | Flower's log: {run_dir / LOG_FILE}"), flush=True)
-    if args.devices and args.backend != "inprocess":
-        print("fedmeld run: error: --devices places clients of the in-process backend: add --backend inprocess",
-              file=sys.stderr)
-        return 2
     print(simulate(cfg, args.backend, args.verbose, args.devices))
     return 0
 

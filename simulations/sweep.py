@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"runs/sweep-{path.stem}").resolve()
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
         planned = plan(grid, out, seeds)
     except ConfigError as err:
         parser.error(str(err))

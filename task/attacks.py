@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedmeld.task.aggregators.effective import scaled
 from fedmeld.task.data import Split, TaskInfo
 from fedmeld.task.wire import State
 
@@ -60,29 +61,28 @@ def register_attack(name: str, *, help: str, kind: str) -> Callable[[Callable], 
     return register
 
 
-def _floats(delta: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
-    return {k: fn(v) if v.is_floating_point() else v for k, v in delta.items()}
-
-
 @register_attack("sign-flip", kind="update", help="sends -k times its honest delta (k: attack-scale)")
 def sign_flip(delta: State, scale: float, generator: torch.Generator) -> State:
     """−k·Δ: gradient ascent, k times as far. On LoRA factors the weight update becomes
     −k·s(dB·A + B·dA) + k²·s·dB·dA: its first-order part flipped."""
-    return _floats(delta, lambda t: -scale * t)
+    return scaled(delta, -scale)
 
 
 @register_attack("scale", kind="update", help="sends k times its honest delta (k: attack-scale)")
 def scale_update(delta: State, scale: float, generator: torch.Generator) -> State:
     """k·Δ: the honest direction, boosted (what a client that wants more say would do)."""
-    return _floats(delta, lambda t: scale * t)
+    return scaled(delta, scale)
 
 
 @register_attack("noise", kind="update",
                  help="sends Gaussian noise instead of its delta, per tensor k times the honest delta's RMS")
 def gaussian_noise(delta: State, scale: float, generator: torch.Generator) -> State:
     """Per tensor, N(0, (k·rms(Δ))²) in place of Δ: a broken or random client, sized like a real one."""
-    return _floats(delta, lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype)
-                   * (scale * t.double().square().mean().sqrt().item()))
+    def noise(t: torch.Tensor) -> torch.Tensor:
+        rms = t.double().square().mean().sqrt().item()
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype) * (scale * rms)
+
+    return {k: noise(t) if t.is_floating_point() else t for k, t in delta.items()}
 
 
 @register_attack("label-flip", kind="data",

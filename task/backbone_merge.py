@@ -107,7 +107,7 @@ def sync(backbone: Backbone, payload: State, target: int) -> Backbone:
     """Bring ``backbone`` to version ``target``: take a full base, or apply each missed update
     (``update/{v}/{layer}/B`` and ``/A``, v = version + 1 .. target) as weight += B @ A."""
     if any(k.startswith("base/") for k in payload):
-        return Backbone({k[5:]: v.clone() for k, v in payload.items() if k.startswith("base/")}, target)
+        return Backbone({k: v.clone() for k, v in global_base(payload).items()}, target)
     base = {k: v.clone() for k, v in backbone.base.items()}
     for v in range(backbone.version + 1, target + 1):
         prefix = f"update/{v}/"
@@ -119,6 +119,10 @@ def sync(backbone: Backbone, payload: State, target: int) -> Backbone:
             b, a = payload[f"{prefix}{layer}/B"], payload[f"{prefix}{layer}/A"]
             w += (b.to(w) @ a.flatten(1).to(b)).view_as(w)
     return Backbone(base, target)
+
+
+def global_base(payload: State) -> State:
+    return {k[5:]: v for k, v in payload.items() if k.startswith("base/")}
 
 
 def global_dense(payload: State) -> State:

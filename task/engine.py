@@ -49,12 +49,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _check_precision(precision: str) -> None:
+    """Once per train or evaluate call, not per batch."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
 def _autocast(device: torch.device, precision: str, cache: bool = True):
     """bf16 autocast on CUDA (``precision="bf16"``), where it is fast and safe for training; full
     precision on the CPU or with ``precision="fp32"``. ``cache=False`` while a CUDA graph is captured
     (autocast's weight-cast cache must not outlive the capture)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) \
         if device.type == "cuda" and precision == "bf16" else nullcontext()
 
@@ -178,6 +182,7 @@ def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_s
     RNG (dropout) is reseeded from ``seed`` for the call and restored afterwards."""
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile {compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
+    _check_precision(precision)
     if compile_mode == "cudagraphs" and device.type != "cuda":
         raise ValueError(f"compile=cudagraphs needs a CUDA device, not {device}; use compile=off (or default) here")
     with _seeded(device, seed):
@@ -251,10 +256,17 @@ def _train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_
                 step(x, y, model)
             opt.step()
             seen += len(idx)
-    totals = torch.stack([loss_sum, correct.double()]).tolist()  # the call's one wait for the device
     if graphed is not None:
         compile_seconds = graphed.capture_seconds
     opt.zero_grad(set_to_none=True)  # frees the gradients (and a graph's memory with them)
+    return train_stats(loss_sum, correct, seen, start, compile_seconds, device)
+
+
+def train_stats(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, start: float, compile_seconds: float,
+                device: torch.device) -> dict[str, float]:
+    """What a training call reports (and traces), from its on-device sums: the call's one wait for
+    the device (every training loop, DP-SGD's too, accumulates on the device)."""
+    totals = torch.stack([loss_sum, correct.double()]).tolist()
     seconds = time.perf_counter() - start
     trace.record("train", seconds=seconds, samples=seen, compile_seconds=compile_seconds)
     return {
@@ -342,6 +354,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 def evaluate(model: nn.Module, data: Split, info: TaskInfo, *, device: torch.device,
              batch_size: int = 256, inputs: Inputs = Inputs(), precision: str = "bf16") -> EvalResult:
     """Loss plus ACC and AUC computed exactly as medmnist's Evaluator computes them."""
+    _check_precision(precision)
     began = time.perf_counter()
     model.to(device).eval()
     images, labels = data.images.to(device), data.labels.to(device)

@@ -189,12 +189,12 @@ def timm_model(cfg: RunConfig, info: TaskInfo, **kwargs: Any) -> tuple[nn.Module
     Transformers fix their position embeddings to an input size, so they get the data's; CNNs take
     any size and refuse the keyword."""
     args = {"num_classes": info.num_classes, "in_chans": info.in_chans, **model_kwargs(cfg.model_args)}
-    torch.manual_seed(cfg.seed)
+    torch.default_generator.manual_seed(cfg.seed)  # the CPU's only: a CUDA generator may be training in another thread
     try:
         sized = {**args, "img_size": cfg.model_size}
         return timm.create_model(cfg.model, **sized, **kwargs), sized
     except TypeError as err:
         if "img_size" not in str(err):
             raise
-    torch.manual_seed(cfg.seed)
+    torch.default_generator.manual_seed(cfg.seed)
     return timm.create_model(cfg.model, **args, **kwargs), args

@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fedmeld.peft import LoRALinear
 from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import Split, TaskInfo
-from fedmeld.task.engine import Inputs, _autocast, _num_correct, _peak_memory_mb, loss_fn
+from fedmeld.task.engine import Inputs, _autocast, _num_correct, loss_fn, train_stats
 
 
 def _import_opacus() -> tuple[type, Callable[..., float]]:
@@ -289,7 +289,9 @@ def train_private(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int,
     expected = plan.sample_rate * len(data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+    start, seen = time.perf_counter(), 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no wait per step
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for epoch in range(epochs):
         if lr_at is not None:
             for group in optimizer.param_groups:
@@ -300,8 +302,8 @@ def train_private(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int,
             if len(idx):
                 x, y = inputs(data.images[idx], device, aug), data.labels[idx].to(device)
                 grads, losses, logits = per_sample_grads(model, x, y, info, device, precision)
-                total_loss += float(losses.sum())
-                correct += int(_num_correct(logits, y, info))
+                loss_sum.add_(losses.detach().sum().double())
+                correct.add_(_num_correct(logits.detach(), y, info))
                 seen += len(idx)
             private = clip_and_noise(grads, settings.clip, plan.noise_multiplier, expected, source, named)
             for name, p in named.items():
@@ -309,11 +311,7 @@ def train_private(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {
-        "train_loss": total_loss / max(seen, 1),
-        "train_accuracy": correct / max(seen, 1),
-        "train_seconds": time.perf_counter() - start,
-        "peak_memory_mb": _peak_memory_mb(device),
-        "samples_seen": seen,
+        **train_stats(loss_sum, correct, seen, start, 0.0, device),
         **plan.metrics(),
         "dp_round_epsilon": epsilon([(plan.noise_multiplier, plan.sample_rate, plan.steps)], settings.delta),
     }

@@ -32,7 +32,9 @@ def select(deltas: Sequence[Delta], settings: RuleSettings, global_state: Delta 
            rule: str) -> list[int]:
     """The ``keep`` best-scored replies, best first (ties: the earlier reply)."""
     f = settings.byzantine
-    check_replies(rule, len(deltas), _need(settings), f"n >= 2·robust-f + 3 and n >= krum-m + robust-f, robust-f={f}")
+    # krum keeps 1 (needs 2f+3); multi-krum keeps krum-m (also needs m+f): the need follows ``keep``
+    check_replies(rule, len(deltas), max(2 * f + 3, keep + f), f"n >= 2·robust-f + 3 and n >= kept + robust-f, "
+                  f"robust-f={f}")
     scores = krum_scores(geometry(deltas, global_state, settings.lora_scaling, rule).sq_dist, f)
     kept = sorted(range(len(deltas)), key=lambda i: (scores[i].item(), i))[:keep]
     log.info("%s kept replies %s of %d (in the order aggregated; scores %s)", rule, kept, len(deltas),

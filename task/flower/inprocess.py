@@ -59,7 +59,6 @@ class InProcessGrid(Grid):
         self.replies: dict[str, Message | Future[Message]] = {}
         self._ids = itertools.count()
         self._run = None
-        self.traced = True  # records its own trace events (task/flower/tracing.py leaves it alone)
 
     def set_run(self, run) -> None:
         self._run = run
@@ -77,27 +76,20 @@ class InProcessGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Hand every message to its node: at once in this thread, or queued on its node's worker."""
-        began, ids, types = time.time(), [], set()
+        ids = []
         for message in messages:
             ids.append(str(next(self._ids)))
-            types.add(message.metadata.message_type)
             if self.workers:
                 worker = self.workers[(message.metadata.dst_node_id - 1000) % len(self.workers)]
                 self.replies[ids[-1]] = worker.submit(self._deliver, message)
             else:
                 self.replies[ids[-1]] = self._deliver(message)
-        for kind in types:
-            trace.record("push", type=kind, t0=began, messages=len(ids))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The replies that are ready, each handed out once."""
         ready = [i for i in message_ids if i in self.replies and _done(self.replies[i])]
-        replies = [_result(self.replies.pop(i)) for i in ready]
-        for reply in replies:
-            trace.record("reply", type=reply.metadata.message_type, node=reply.metadata.src_node_id,
-                         created=reply.metadata.created_at)
-        return replies
+        return [_result(self.replies.pop(i)) for i in ready]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push, then wait up to ``timeout`` seconds for the replies; a node still working then has

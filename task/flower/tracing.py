@@ -1,6 +1,7 @@
 """The ServerApp's side of the hop trace (``fedmeld.task.trace``) in deployment: when each phase's
-messages leave for the SuperLink and when each reply arrives. (The in-process Grid records these
-itself; the executor records the clients' side.)"""
+messages leave (for the SuperLink, Ray's nodes or the in-process Grid) and when each reply arrives,
+for every runtime (``server.app.federate`` wraps its Grid); the executor and the in-process Grid
+record the clients' side."""
 
 from __future__ import annotations
 

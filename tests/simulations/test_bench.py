@@ -24,7 +24,6 @@ def test_bench_smoke(tmp_path: Path, medmnist_root: Path, capsys):
     product = {r["mode"]: r for r in result["rows"] if r["loop"] == "product"}
     assert harness["norm"]["trainable"] == harness["norm-floor"]["trainable"] < harness["full"]["trainable"]
     assert harness["head"]["trainable"] < harness["lora-frozen-a"]["trainable"]
-    assert harness["norm"]["img_per_s"] / harness["full"]["img_per_s"] > 0  # ratios computable from the rows
     # the product loop trains task/engine.py's models on BreastMNIST's one channel and two classes
     assert product["lora-frozen-a"]["trainable"] == harness["lora-frozen-a"]["trainable"]
     assert product["full"]["trainable"] < harness["full"]["trainable"]  # the stem sees 1 channel, not 3

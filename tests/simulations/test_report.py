@@ -23,7 +23,7 @@ def test_report_tables_and_plots_finished_runs(tiny_config, tmp_path, capsys):
     rows = [line for line in table if line.startswith(f"| {first.name} |") or line.startswith("| copy |")]
     assert len(rows) == 2
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[2] == "2/2"  # both clients took part, as configured
+    assert summary["num_clients_took_part"] == 2 and cells[2] == "2/2"  # both clients took part, as configured
     assert cells[4:6] == [f"{summary['final_test_accuracy']:.3f}", f"{summary['final_test_auc']:.3f}"]
     assert cells[9] == f"{summary['majority_class_accuracy']:.3f}" and cells[-1] == "—"  # no DP: no ε
     assert (first / "curves.png").stat().st_size > 10_000  # redrawn from the run's files
