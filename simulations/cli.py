@@ -16,6 +16,7 @@ COMMANDS = {
     "sweep": ("fedmeld.simulations.sweep", "a grid of runs (presets in simulations/presets/), with tables and plots"),
     "bench": ("fedmeld.simulations.bench", "GPU speed and memory of each fine-tuning mode, federation overhead"),
     "scaling": ("fedmeld.simulations.scaling", "the deployment over 1, 2, 4 ... GPUs, one SuperNode per client"),
+    "pretrain": ("fedmeld.simulations.pretrain", "pretrain a backbone on fractals or other MedMNIST sets for weights="),
     "report": ("fedmeld.simulations.report", "runs side by side: one table, curves redrawn, a comparison plot"),
     "lte-compare": ("fedmeld.simulations.lte_compare", "LTE against full training and LoRA from scratch"),
     "keys": ("fedmeld.simulations.security", "TLS certificates and SuperNode key pairs for a secure deployment"),

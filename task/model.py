@@ -7,6 +7,7 @@ pretrained weights or the same seeded random init, so only adapter state has to 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,15 @@ from fedmeld.task.privacy import DPSettings, PrivateOptimizer
 log = logging.getLogger(__name__)
 
 
+_VIT_CFG = {"classifier": "head", "first_conv": "patch_embed.proj"}  # first_conv: timm adapts a file's channels
+
+
 @register_model
 def vit_pico_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """A ViT small enough to train from scratch on a CPU: 28-px input in 4-px patches (49 tokens),
     width 64, depth 4. Registered with timm, so ``model=vit_pico_patch4_28`` works in any run."""
     args = dict(img_size=28, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0)
-    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"classifier": "head"}
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _VIT_CFG
     return build_model_with_cfg(VisionTransformer, "vit_pico_patch4_28", pretrained, **{**args, **kwargs})
 
 
@@ -41,7 +45,7 @@ def vit_nano_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """vit_pico's GPU-sized sibling: 28-px input in 4-px patches, width 192 (vit_tiny's), depth 6.
     Wide enough that a few low-rank factors per layer weigh far less than the layer."""
     args = dict(img_size=28, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0)
-    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"classifier": "head"}
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _VIT_CFG
     return build_model_with_cfg(VisionTransformer, "vit_nano_patch4_28", pretrained, **{**args, **kwargs})
 
 
@@ -69,11 +73,7 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     ``stem=small``, its stem replaced: ``small_stem``)."""
     kwargs: dict = {}
     if cfg.weights:
-        path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"weights file {path} does not exist; set weights= to a .safetensors/.pth "
-                               f"file for {cfg.model}, or weights=\"\" to use pretrained/random init")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights_file(cfg))})
     else:
         kwargs["pretrained"] = cfg.pretrained
     try:
@@ -95,6 +95,30 @@ def create_backbone(cfg: RunConfig, info: TaskInfo) -> nn.Module:
     if cfg.init == "torch":
         torch_default_init(model)
     return model
+
+
+def weights_file(cfg: RunConfig) -> Path:
+    """The file ``weights`` names for this run's model: the file itself, or ``DIR/<model>.safetensors``
+    when it names a directory (one grid over several models then takes one ``weights=DIR``, as
+    ``fedmeld pretrain`` writes them). ``$VAR``s are expanded, so a preset can say where without
+    knowing the machine (``weights = "$FEDMELD_PRETRAINED/fractal"``)."""
+    path = Path(os.path.expandvars(cfg.weights)).expanduser()
+    if "$" in str(path):
+        raise WeightsError(f"weights={cfg.weights}: an environment variable in it is not set; export it "
+                           f"or give the path itself")
+    if path.is_dir():
+        candidate = path / f"{cfg.model}.safetensors"
+        if not candidate.is_file():
+            held = sorted(p.name for p in path.glob("*.safetensors")) or ["no .safetensors file"]
+            raise WeightsError(f"weights directory {path} holds no {candidate.name} for model={cfg.model} "
+                               f"(it holds {', '.join(held)}); pretrain one (fedmeld pretrain --model {cfg.model} "
+                               f"--out {candidate}) or point weights= at a file")
+        return candidate
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; set weights= to a .safetensors/.pth file for "
+                           f"{cfg.model} (or a directory holding {cfg.model}.safetensors), or weights=\"\" "
+                           f"to use pretrained/random init")
+    return path
 
 
 @torch.no_grad()

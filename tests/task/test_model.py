@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import task_info
-from fedmeld.task.model import WeightsError, build_model, create_backbone
+from fedmeld.task.model import WeightsError, build_model, create_backbone, weights_file
 
 
 def test_random_init_is_identical_on_every_node():
@@ -47,6 +47,21 @@ def test_missing_weights_file_is_named(tmp_path):
     cfg = RunConfig.from_mapping({"model": "resnet10t", "weights": str(tmp_path / "nope.safetensors")})
     with pytest.raises(WeightsError, match=r"nope\.safetensors does not exist"):
         create_backbone(cfg, task_info("breastmnist"))
+
+
+def test_weights_directory_picks_the_model_file(tmp_path, monkeypatch):
+    """weights=DIR (through $VAR) is DIR/<model>.safetensors; a directory without it names what it holds."""
+    (tmp_path / "convnext_atto.safetensors").write_bytes(b"")
+    monkeypatch.setenv("PRETRAINED", str(tmp_path))
+    cfg = RunConfig.from_mapping({"model": "resnet10t", "weights": "$PRETRAINED"})
+    assert weights_file(RunConfig.from_mapping({"model": "convnext_atto", "weights": "$PRETRAINED"})) == \
+        tmp_path / "convnext_atto.safetensors"
+    with pytest.raises(WeightsError, match=r"holds no resnet10t\.safetensors.*holds convnext_atto\.safetensors"
+                                           r".*fedmeld pretrain --model resnet10t"):
+        weights_file(cfg)
+    monkeypatch.delenv("PRETRAINED")
+    with pytest.raises(WeightsError, match=r"environment variable in it is not set"):
+        weights_file(cfg)
 
 
 def test_hub_weights_offline_say_how_to_go_on(tmp_path, repo):
