@@ -3,9 +3,10 @@
 
 Every protocol shares this round skeleton: per-node messages built from the protocol's payload,
 every train reply checked by one validator (``parse_reply``: errors, missing records, names,
-shapes, dtypes, finiteness) and dropped with a log line instead of ending the run, and the same
-per-round bookkeeping (``ROUND_STATS``: clients ok/failed, bytes each way, seconds, speed) for
-metrics.jsonl. Tensors travel packed into one Array per message (``task/wire.py``).
+shapes, dtypes, finiteness, BatchNorm statistics it would make invalid) and dropped with a log
+line instead of ending the run, and the same per-round bookkeeping (``ROUND_STATS``: clients
+ok/failed, bytes each way, seconds, speed) for metrics.jsonl. Tensors travel packed into one
+Array per message (``task/wire.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fedmeld.task.wire import State, pack, payload_bytes, snapshot, unpack
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
+BN_STATISTICS = ("running_mean", "running_var")  # BatchNorm statistics travel under these names (peft/norm.py)
 # What metrics.jsonl records for every round, whatever the protocol (NaN where a round has no value).
 ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "partitions_ok", "failed_nodes", "applied",
                "bytes_down",
@@ -165,7 +167,8 @@ class Protocol(ABC):
 
     @abstractmethod
     def global_state(self) -> State:
-        """What a checkpoint holds: everything that defines the global model."""
+        """What a checkpoint holds: everything that defines the global model. A reply tensor of the
+        same name is a delta of it (``parse_reply`` checks the BatchNorm statistics it would make)."""
 
     def extra_state(self) -> tuple[State, dict]:
         """What else a resumed run needs (tensors such as server-optimizer moments, JSON bookkeeping)."""
@@ -215,7 +218,29 @@ def parse_reply(msg: Message, protocol: Protocol) -> Reply:
             raise BadReply(f"{name}: got {tuple(got.shape)} {got.dtype}, expected {want} {dtype}")
         if got.is_floating_point() and not torch.isfinite(got).all():
             raise BadReply(f"{name}: non-finite values")
+    check_statistics(state, protocol.global_state())
     return Reply(msg.metadata.src_node_id, state, float(weight), metrics)
+
+
+def check_statistics(delta: State, global_state: State) -> None:
+    """Refuse a reply whose BatchNorm statistics, applied to the global ones, would not be finite or
+    would make a running variance negative (a negative variance turns that BatchNorm's output into
+    NaN). An honest client's applied statistic is its own local one, >= 0 up to float32 rounding of
+    local − global (at most 2⁻²⁴ of the global value, tolerated); every rule combines the deltas
+    convexly per coordinate (a mean, a median, a trimmed mean, scaled by λ <= 1, one reply), so once
+    these replies are gone no rule can make a variance negative (a server optimizer with momentum
+    or adaptive steps can: server-optimizer=fedavg with server-lr <= 1 keeps the guarantee)."""
+    for name, d in delta.items():
+        if not name.endswith(BN_STATISTICS) or name not in global_state:
+            continue
+        base = global_state[name].double()
+        after = base + d.double()
+        if not torch.isfinite(after.to(global_state[name].dtype)).all():  # as the global model would hold it
+            raise BadReply(f"{name}: the statistics it would give the global model are not finite")
+        negative = after < -1e-6 * base.abs()
+        if name.endswith("running_var") and negative.any():
+            raise BadReply(f"{name}: would make {int(negative.sum())} of {after.numel()} running variances negative "
+                           f"(down to {after.min().item():.4g}); an honest client's never go below 0")
 
 
 def _order(msg: Message) -> tuple[int, int]:

@@ -6,6 +6,11 @@ replaces the update it sends (``kind="update"``: a function of the honest delta,
 strength (``attack-scale``) and the partitions that run it (``attackers``); the ClientApp applies it
 between the honest client and the wire (``client/app.py``), so every protocol and runtime drills
 the same way, and the server sees nothing but the replies.
+
+The server rejects a reply whose BatchNorm running variances it would make negative
+(``server/strategy.check_statistics``), so ``sign-flip`` and ``scale``, adversaries that want their
+reply used, send their variances honest and attack everything else; ``noise`` is a broken client
+and sends noise everywhere, which the server rejects where it would break a variance.
 """
 
 from __future__ import annotations
@@ -61,17 +66,27 @@ def register_attack(name: str, *, help: str, kind: str) -> Callable[[Callable], 
     return register
 
 
-@register_attack("sign-flip", kind="update", help="sends -k times its honest delta (k: attack-scale)")
+def passing_validation(delta: State, factor: float) -> State:
+    """``factor``·Δ on every floating tensor but the BatchNorm running variances, sent honest: a
+    scaled or flipped variance delta would make some global variance negative and get the whole
+    reply rejected, while scaled running means and parameters pass."""
+    variances = {k: v for k, v in delta.items() if k.endswith("running_var")}
+    return {**scaled({k: v for k, v in delta.items() if k not in variances}, factor), **variances}
+
+
+@register_attack("sign-flip", kind="update",
+                 help="sends -k times its honest delta (k: attack-scale; BatchNorm running variances honest)")
 def sign_flip(delta: State, scale: float, generator: torch.Generator) -> State:
     """−k·Δ: gradient ascent, k times as far. On LoRA factors the weight update becomes
     −k·s(dB·A + B·dA) + k²·s·dB·dA: its first-order part flipped."""
-    return scaled(delta, -scale)
+    return passing_validation(delta, -scale)
 
 
-@register_attack("scale", kind="update", help="sends k times its honest delta (k: attack-scale)")
+@register_attack("scale", kind="update",
+                 help="sends k times its honest delta (k: attack-scale; BatchNorm running variances honest)")
 def scale_update(delta: State, scale: float, generator: torch.Generator) -> State:
     """k·Δ: the honest direction, boosted (what a client that wants more say would do)."""
-    return scaled(delta, scale)
+    return passing_validation(delta, scale)
 
 
 @register_attack("noise", kind="update",

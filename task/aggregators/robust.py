@@ -31,4 +31,4 @@ def trimmed_mean(deltas: Sequence[Delta], weights: Sequence[float], *, settings:
     cut = settings.byzantine
     check_replies("trimmed-mean", len(deltas), 2 * cut + 1, f"n >= 2·robust-f + 1, robust-f={cut}")
     return {name: stack(deltas, name).sort(dim=0).values[cut:len(deltas) - cut].mean(dim=0)
-            for name in deltas[0]}
+            if deltas[0][name].is_floating_point() else deltas[0][name] for name in deltas[0]}

@@ -133,3 +133,47 @@ def test_a_round_below_min_replies_is_recorded_and_not_applied(caplog, toy_state
     assert stats["failed_nodes"] == [[2, "client error 2: RuntimeError: CUDA out of memory"],
                                      [3, "no reply within round-timeout"]]
     assert "fewer than min-clients 2" in caplog.text
+
+
+def test_a_reply_that_would_make_a_batchnorm_variance_negative_is_rejected():
+    """Applied to the global statistics, a running variance must stay >= 0 and every statistic finite;
+    an honest client whose local variance is 0 (delta = −global) or a float32 rounding below it passes."""
+    from fedmeld.server.strategy import BadReply, check_statistics
+
+    glob = {"bn.running_var": torch.tensor([1.0, 4.0, 0.5]), "bn.running_mean": torch.tensor([0.0, 1.0, 3e38]),
+            "bn.weight": torch.ones(3)}
+    honest = {"bn.running_var": torch.tensor([-1.0, 4.0 * (1 - 2 ** -24) - 4.0, 0.1]),
+              "bn.running_mean": torch.tensor([5.0, -5.0, -1e38]), "bn.weight": torch.tensor([-9.0, 0.0, 0.0])}
+    check_statistics(honest, glob)  # a weight may go anywhere; only the statistics are checked
+    with pytest.raises(BadReply, match=r"bn.running_var: would make 1 of 3 running variances negative \(down to -0.5"):
+        check_statistics({**honest, "bn.running_var": torch.tensor([0.0, -4.5, 0.0])}, glob)
+    with pytest.raises(BadReply, match="bn.running_mean: the statistics it would give the global model are not finite"):
+        check_statistics({**honest, "bn.running_mean": torch.tensor([0.0, 0.0, 3e38])}, glob)
+
+
+def test_a_poisoned_hospitals_broken_batchnorm_statistics_never_reach_the_rule(tiny_config):
+    """A real federation on BreastMNIST (ResNet-10t, BatchNorm statistics aggregated) whose partition 0
+    runs task/attacks.py's noise attack (5x its delta's size in every tensor): the server rejects its
+    reply for the running variances it would make negative, records it in failed_nodes, and
+    aggregates the two honest clients into a finite global model with no negative variance."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fedmeld.client.app import app as client_app
+    from fedmeld.server.app import federate
+    from fedmeld.task.config import RunConfig
+    from fedmeld.task.flower.inprocess import InProcessGrid
+
+    cfg = RunConfig.from_mapping({**tiny_config, "device": "cpu", "num-server-rounds": 1, "num-clients": 3,
+                                  "min-clients": 2, "partition": "iid", "attack": "noise", "attackers": "0",
+                                  "attack-scale": 5.0})
+    run_dir = federate(InProcessGrid(client_app, 3), cfg)
+    [row] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["applied"] and row["partitions_ok"] == [1, 2] and len(row["failed_nodes"]) == 1
+    assert "running variances negative" in row["failed_nodes"][0][1]
+    assert math.isfinite(row["test_loss"]) and math.isfinite(row["test_auc"])
+    final = load_file(str(run_dir / "adapter.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    variances = [v for k, v in final.items() if k.endswith("running_var")]
+    assert variances and min(v.min().item() for v in variances) >= 0

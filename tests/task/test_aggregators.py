@@ -223,3 +223,19 @@ def test_trimmed_mean_drops_robust_f_values_at_each_side():
     assert _rule("trimmed-mean", byzantine=2)(deltas, [1.0] * 7)["x"].item() == pytest.approx(3.0)  # mean of 2, 3, 4
     assert _rule("trimmed-mean", byzantine=1)(deltas, [1.0] * 7)["x"].item() == pytest.approx(3.0)  # 1..5
     assert _rule("trimmed-mean", byzantine=0)(deltas, [1.0] * 7)["x"].item() == pytest.approx(25 / 7)
+    counted = [{**d, "steps": torch.tensor(i)} for i, d in enumerate(deltas)]  # an integer tensor, as median keeps it
+    assert _rule("trimmed-mean", byzantine=2)(counted, [1.0] * 7)["steps"].item() == 0
+    assert AGGREGATORS["median"](counted, [1.0] * 7)["steps"].item() == 0
+
+
+def test_trimmed_mean_stays_within_the_honest_range_of_every_coordinate():
+    """1 sign-flipped attacker (x5) of 5, robust-f=1: every coordinate of the trimmed mean lies between
+    the smallest and largest honest value (the drills' −22 points under sign flip were not a trimming
+    error; trimmed_mean_bias.py in simulations/results/drills_cpu_2026-12-01 measures its real rounds)."""
+    glob, honest = _lora_round(4)
+    flipped = {k: -5 * v for k, v in honest[0].items()}
+    for deltas in ([flipped, *honest], [*honest[:2], flipped, *honest[2:]]):
+        out = _rule("trimmed-mean", byzantine=1)(deltas, [1.0] * 5, glob)
+        for k, v in out.items():
+            values = torch.stack([h[k] for h in honest])
+            assert (values.min(0).values - 1e-7 <= v).all() and (v <= values.max(0).values + 1e-7).all(), k

@@ -38,11 +38,15 @@ def test_the_registry_lists_the_drills():
 
 @pytest.mark.parametrize("name, factor", [("sign-flip", -5.0), ("scale", 5.0)])
 def test_sign_flip_and_scale_send_k_times_the_honest_delta(name, factor, real_delta):
+    """k·Δ on everything but the BatchNorm running variances, which go honest so that the server's
+    validation (it rejects a reply that would make a variance negative) lets the reply through."""
     sent = ATTACKS[name].on_update(real_delta, 5.0, seed=0)
     assert sent.keys() == real_delta.keys() and torch.equal(sent["step"], real_delta["step"])  # integers untouched
+    variances = [k for k in real_delta if k.endswith("running_var")]
+    assert variances and any(k.endswith("running_mean") for k in real_delta)
     for k, v in real_delta.items():
         if v.is_floating_point():
-            assert sent[k].dtype == v.dtype and torch.equal(sent[k], factor * v), k
+            assert sent[k].dtype == v.dtype and torch.equal(sent[k], v if k in variances else factor * v), k
 
 
 def test_noise_replaces_the_delta_by_noise_of_k_times_its_size(real_delta):
