@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[pretrain] {args.out} is done already ({card_path})", flush=True)
         return 0
     device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
     batches, classes, source_card = _source(args, device)
     try:
         model = _model(args, classes)
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         card["init_card"] = json.loads(init_card.read_text()) if init_card.is_file() else None
     tensors = backbone_tensors(model, args.in_chans)
     atomic_write(args.out, lambda tmp: save_file(tensors, str(tmp), metadata={"fedmeld_card": json.dumps(card)}))
+    args.out.chmod(0o644)  # safetensors writes 0600; the file is meant to be copied between machines
     card.update(bytes=args.out.stat().st_size, sha256=hashlib.sha256(args.out.read_bytes()).hexdigest())
     atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n"))
     ckpt_path.unlink(missing_ok=True)
