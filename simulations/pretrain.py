@@ -83,17 +83,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", default="", help="directory of the MedMNIST files (as the run key data-root)")
     parser.add_argument("--init", default="", help="start from this pretrained file (e.g. the fractal one), with "
                                                    "a new classifier")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step (default 256)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (linear warmup, then "
-                                                               "cosine to 0 over the budget)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup", type=float, default=0.05, help="share of the budget spent warming up the lr")
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+                                                               "cosine to 0 over the budget; default 2e-3)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    parser.add_argument("--warmup", type=float, default=0.05, help="share of the budget spent warming up the lr (default "
+                                                                         "0.05)")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing "
+                                                                          "(default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the categories, the batches and the init")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="autocast on CUDA (the CPU: fp32)")
-    parser.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
-    parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints (default 30)")
+    parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines (default 10)")
     args = parser.parse_args(argv)
     problems = [f"{name} must be > 0" for name in ("batch_size", "lr", "resolution", "checkpoint_every", "log_every")
                 if getattr(args, name) <= 0]
