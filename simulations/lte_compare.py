@@ -1,126 +1,162 @@
-"""From-scratch comparison: full training vs single LoRA vs LTE vs federated LTE, at equal samples seen.
+"""LTE against full training and LoRA, central and federated, at equal rounds and samples seen.
 
-``fedmeld lte-compare [--small | --full] [--out DIR] [--set key=value ...]``
+``fedmeld lte-compare [--small | --gpu | --grid FILE] [--methods ...] [--settings ...] [--seeds 0,1,2]
+[--jobs N] [--out DIR] [--set key=value ...]``
 
-Four runs of the project's own run machinery (``simulations.run.load_config`` + ``simulate`` with
-the in-process Flower backend, so no Ray), all from random init (``pretrained=false``), on the same
-MedMNIST file, the same model, seed, rounds and local epochs:
+The comparison is a sweep (``simulations/sweep.py``: every run its own ``fedmeld run`` process,
+``--jobs`` at a time, resumable, one run per seed) of a grid with exactly two axes: ``method``
+(full, lora, lte, ...: how the network trains) times ``setting`` (central: one client holding the
+whole training split; iid, dir1.0, dir0.5: 4 clients). Every method keeps its settings in every
+setting, and every run passes once (``local-epochs`` times) per round over the same training split,
+so rows differ only in method and split. Presets: ``simulations/presets/lte-small.toml``
+(``--small``, CPU, minutes) and ``lte.toml`` (``--gpu``, one H200, 3 seeds).
 
-- ``full``:     ``peft=full``, ``num-clients=1`` (centralized: one client holding the whole train split)
-- ``lora``:     ``peft=lora+norm+bitfit`` on every Linear/Conv2d LTE wraps, ``num-clients=1``; the random
-                backbone stays frozen (a single LoRA, never merged)
-- ``lte``:      ``peft=lte``, H heads, merge every T optimizer steps, ``num-clients=1``
-- ``fed-lte``:  ``peft=lte``, 4 clients, Dirichlet(0.5) label skew, only low-rank factors travel
+``--out`` receives the sweep's own files (runs/, results.md, ...) and three more:
+``lte_compare.md`` (the table: mean ± std over seeds of the test ACC/AUC at the round the
+validation split selects, and at the last round; bytes per client-round and their ratio to the
+``full`` method of the same setting; the issue's targets checked), ``lte_compare.json``
+(everything in it, per run too, with per-round curves) and ``lte_compare.png`` (mean test
+accuracy against samples seen, one panel per setting).
 
-Every round each run passes once (``local-epochs`` times) over the same training data (the whole
-train split minus ``val-fraction`` centrally, the union of the clients' shards federated), so the
-test accuracy logged per round (``metrics.jsonl``) is taken at equal numbers of samples seen.
-Run directories go to a temporary folder (kept with ``--keep-runs DIR``); ``--out`` receives three
-small files: ``lte_compare.md`` (table), ``lte_compare.json`` (everything in it, plus per-round
-curves) and ``lte_compare.png`` (test accuracy against samples seen).
-
-Bytes per round are per client and round, upload plus download, as the federation counted them
-(in-process messages, ArrayRecord payload bytes); ``full_model_bytes`` is the size of the whole
-model's weights for comparison. Centralized runs count their one client's traffic, i.e. what that
-method would send per client in a federation.
+Bytes per client-round: upload plus download per client and round as the federation counted
+them (ArrayRecord payload bytes); a central run counts its one client.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import logging
-import math
 import os
+import statistics
 import sys
-import tempfile
-import time
+import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedmeld.task.config import ConfigError, RunConfig, parse_pairs
-from fedmeld.simulations.run import load_config, simulate
+from fedmeld.simulations import sweep
+from fedmeld.task.config import ConfigError, parse_pairs
 
-METHODS = ("full", "lora", "lte", "fed-lte")
-LORA_TARGETS = "patch_embed.proj,attn.qkv,attn.proj,mlp.fc1,mlp.fc2"  # what LTE wraps in a timm ViT
-JSON_KEYS = ("date", "hardware", "versions", "preset", "dataset", "majority_class_accuracy", "methods",
-             "lte_vs_full_gap_points", "fed_lte_vs_full_gap_points", "fed_lte_bytes_ratio_vs_full",
-             "lte_beats_majority_and_first_eval")
-METHOD_KEYS = ("method", "overrides", "final_test_accuracy", "final_test_auc", "best_test_accuracy",
-               "initial_test_accuracy", "trainable_params", "total_params", "bytes_per_client_round",
-               "full_model_bytes", "samples_seen", "wall_seconds", "curve")
-
-# Presets: run-config keys shared by all methods, then per-method keys. Tuned by hand; what was
-# tried is in simulations/results/lte_compare_cpu/NOTES.md.
-PRESETS: dict[str, dict[str, Any]] = {
-    "small": {  # 2-core CPU, <= 3 minutes for all four runs
-        "common": {"dataset": "pneumoniamnist", "model": "vit_pico_patch4_28", "num-server-rounds": 3,
-                   "local-epochs": 1, "batch-size": 64, "lora-rank": 4, "device": "cpu"},
-        "full": {"lr": 0.002},
-        "lora": {"lr": 0.005, "lora-alpha": 8.0},
-        "lte": {"lr": 0.005, "lte-heads": 4, "lte-merge-every": 1, "lora-alpha": 8.0},
-        "fed-lte": {"lr": 0.0005, "lte-heads": 4, "lte-merge-every": 1, "lora-alpha": 8.0},  # skewed clients drift
-    },
-    "full": {  # one H100, <= 4 minutes for all four runs
-        "common": {"dataset": "pneumoniamnist", "model": "vit_nano_patch4_28", "num-server-rounds": 15,
-                   "local-epochs": 1, "batch-size": 64, "lora-rank": 8, "device": "auto"},
-        "full": {"lr": 0.001},
-        "lora": {"lr": 0.003, "lora-alpha": 16.0},
-        "lte": {"lr": 0.003, "lte-heads": 8, "lte-merge-every": 1, "lora-alpha": 16.0},
-        "fed-lte": {"lr": 0.001, "lte-heads": 1, "lte-merge-every": 1, "lora-alpha": 16.0, "lora-rank": 6},
-    },
-}
-FIXED = {  # what makes each method what it is; --set cannot change these
-    "full": {"peft": "full", "num-clients": 1, "partition": "iid", "pretrained": False},
-    "lora": {"peft": "lora+norm+bitfit", "num-clients": 1, "partition": "iid", "pretrained": False,
-             "target-modules": LORA_TARGETS},
-    "lte": {"peft": "lte", "num-clients": 1, "partition": "iid", "pretrained": False},
-    "fed-lte": {"peft": "lte", "num-clients": 4, "min-clients": 4, "partition": "dirichlet",
-                "dirichlet-alpha": 0.5, "pretrained": False},
-}
+PRESETS = {"small": sweep.PRESETS / "lte-small.toml", "gpu": sweep.PRESETS / "lte.toml"}
+REFERENCE = "full"  # the method every row's bytes are compared with, in the same setting
+CLOSE_SETTINGS = ("iid", "dir1.0")  # where federated LTE should be within TARGET_POINTS of federated full
+SKEWED_SETTINGS = ("dir0.5",)  # where it should beat the majority rate wherever federated full does
+TARGET_POINTS, TARGET_BYTES = 2.0, 0.15
+SCORES = ("selected_test_accuracy", "selected_test_auc", "final_test_accuracy", "final_test_auc")
+JSON_KEYS = ("date", "hardware", "versions", "grid", "dataset", "model", "majority_class_accuracy", "rows",
+             "targets", "unfinished_runs", "runs")
+ROW_KEYS = ("method", "setting", "config", "seeds", "num_clients", *(f"{s}_{k}" for s in SCORES for k in ("mean", "std")),
+            "trainable_params", "bytes_per_client_round", "bytes_ratio_vs_full", "samples_seen", "wall_seconds")
 
 
-def method_overrides(preset: str, method: str, common_set: dict[str, Any],
-                     method_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Preset common keys < preset method keys < --set < --set-METHOD < the method's fixed keys."""
-    p = PRESETS[preset]
-    return {**p["common"], **p[method], **common_set, **method_set.get(method, {}), **FIXED[method]}
+def load_grid(path: Path, methods: list[str] | None = None, settings: list[str] | None = None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The grid file, cut to the named methods and settings, ``overrides`` added to its base."""
+    grid = tomllib.loads(path.read_text())
+    axes = grid.get("axis", {})
+    if set(axes) != {"method", "setting"} or "grid" in grid:
+        raise ConfigError(f"{path}: an lte-compare grid has exactly two axis tables, [[axis.method]] and "
+                          f"[[axis.setting]], and no [grid] section; got axes {sorted(axes)}")
+    cut = {}
+    for axis, wanted in (("method", methods), ("setting", settings)):
+        labels = [t.get("label") for t in axes[axis]]
+        if None in labels or len(set(labels)) != len(labels):
+            raise ConfigError(f"{path}: every [[axis.{axis}]] table needs a distinct label; got {labels}")
+        unknown = sorted(set(wanted or []) - set(labels))
+        if unknown:
+            raise ConfigError(f"unknown {axis}(s) {', '.join(unknown)}; {path.name} has {', '.join(labels)}")
+        cut[axis] = [t for t in axes[axis] if not wanted or t["label"] in wanted]
+    return {**grid, "base": {**grid.get("base", {}), **(overrides or {})}, "axis": cut}
 
 
-def run_method(method: str, overrides: dict[str, Any], runs_root: Path, tag: str) -> dict[str, Any]:
-    pairs = {**overrides, "out": str(runs_root), "run-name": f"{tag}-{method}"}
-    cfg = load_config(None, [])  # defaults, then ours (load_config resolves out and run-name)
-    cfg = RunConfig.from_mapping({**cfg.to_flower(), **pairs})
-    started = time.perf_counter()
-    run_dir = simulate(cfg, backend="inprocess")
-    wall = time.perf_counter() - started
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    curve, seen = [], 0
-    if summary.get("initial_test_accuracy") is not None:
-        curve.append({"round": 0, "samples_seen": 0, "test_accuracy": summary["initial_test_accuracy"],
-                      "test_auc": summary.get("initial_test_auc")})
-    for r in rounds:
-        seen += int(r["samples_seen"])  # what the clients trained on this round, every protocol records it
-        curve.append({"round": r["round"], "samples_seen": seen, "test_accuracy": r["test_accuracy"],
-                      "test_auc": r["test_auc"]})
-    clients_rounds = max(sum(int(r.get("num_clients_ok", 0)) for r in rounds), 1)
-    bytes_round = summary.get("bytes_per_client_round")
-    if bytes_round is None:
-        bytes_round = (summary["bytes_up_total"] + summary["bytes_down_total"]) / clients_rounds
-    return {
-        "method": method, "overrides": overrides, "run_dir": str(run_dir),
-        "final_test_accuracy": summary["final_test_accuracy"], "final_test_auc": summary["final_test_auc"],
-        "best_test_accuracy": max((c["test_accuracy"] for c in curve[1:]), default=None),
-        "initial_test_accuracy": summary.get("initial_test_accuracy"),
-        "majority_class_accuracy": summary["majority_class_accuracy"],
-        "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
-        "bytes_per_client_round": bytes_round,
-        "full_model_bytes": summary.get("full_model_bytes", 4 * summary["total_params"]),
-        "samples_seen": seen, "wall_seconds": wall, "curve": curve,
-        "hardware": summary.get("hardware"), "versions": summary.get("versions"),
-    }
+def config_labels(grid: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Config name (as the sweep names it) -> (method, setting)."""
+    pairs = itertools.product(*([t["label"] for t in grid["axis"][a]] for a in ("method", "setting")))
+    return {name: pair for (name, _), pair in zip(sweep.expand(grid), pairs)}
+
+
+def write_grid(grid: dict[str, Any], path: Path) -> None:
+    """The grid as a TOML file for ``fedmeld sweep --grid`` (kept in --out: what was run)."""
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = []
+    if "sweep" in grid:
+        lines += ["[sweep]", *(f"{k} = {value(v)}" for k, v in grid["sweep"].items()), ""]
+    lines += ["[base]", *(f"{k} = {value(v)}" for k, v in grid["base"].items()), ""]
+    for axis in ("method", "setting"):
+        for table in grid["axis"][axis]:
+            lines += [f"[[axis.{axis}]]", *(f"{k} = {value(v)}" for k, v in table.items()), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def curve(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Test ACC/AUC after each round against the training samples seen so far (round 0: the init)."""
+    points = [{"round": 0, "samples_seen": 0, "test_accuracy": run.get("initial_test_accuracy"),
+               "test_auc": run.get("initial_test_auc")}]
+    seen = 0
+    for r in run["rounds"]:
+        seen += int(r["samples_seen"])
+        points.append({"round": r["round"], "samples_seen": seen, "test_accuracy": r["test_accuracy"],
+                       "test_auc": r["test_auc"]})
+    return points
+
+
+def summarize(runs: list[dict[str, Any]], labels: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Rows (mean ± std over seeds per method and setting), bytes against ``full`` and the targets."""
+    rows = []
+    for config, (method, setting) in labels.items():
+        group = [r for r in runs if r["config_name"] == config]
+        if not group:
+            continue
+        row: dict[str, Any] = {"method": method, "setting": setting, "config": config,
+                               "seeds": [r["seed"] for r in group], "num_clients": group[0]["config"]["num-clients"]}
+        for score in SCORES:
+            values = [float(r[score]) for r in group]
+            row[f"{score}_mean"] = statistics.mean(values)
+            row[f"{score}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row.update(trainable_params=group[0]["trainable_params"],
+                   bytes_per_client_round=statistics.mean(r["bytes_per_client_round"] for r in group),
+                   samples_seen=group[0]["samples_seen"], wall_seconds=statistics.mean(r["wall_seconds"] for r in group),
+                   majority_class_accuracy=group[0]["majority_class_accuracy"])
+        rows.append(row)
+    full = {r["setting"]: r for r in rows if r["method"] == REFERENCE}
+    for row in rows:
+        ref = full.get(row["setting"])
+        row["bytes_ratio_vs_full"] = row["bytes_per_client_round"] / ref["bytes_per_client_round"] if ref else None
+    return {"rows": rows, "targets": targets(rows)}
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for federated LTE against federated full of the same split."""
+    by = {(r["method"], r["setting"]): r for r in rows}
+    checks = []
+    for setting in (*CLOSE_SETTINGS, *SKEWED_SETTINGS):
+        lte, full = by.get(("lte", setting)), by.get((REFERENCE, setting))
+        if not (lte and full):
+            continue
+        gap_acc = 100 * (lte["selected_test_accuracy_mean"] - full["selected_test_accuracy_mean"])
+        gap_auc = 100 * (lte["selected_test_auc_mean"] - full["selected_test_auc_mean"])
+        check = {"setting": setting, "acc_gap_points": gap_acc, "auc_gap_points": gap_auc,
+                 "bytes_ratio": lte["bytes_ratio_vs_full"]}
+        if setting in CLOSE_SETTINGS:
+            check["met"] = gap_acc >= -TARGET_POINTS and gap_auc >= -TARGET_POINTS and lte["bytes_ratio_vs_full"] <= TARGET_BYTES
+            check["target"] = f"within {TARGET_POINTS:g} points (ACC and AUC) at <= {TARGET_BYTES}x the bytes"
+        else:
+            majority = full["majority_class_accuracy"]
+            full_above = full["selected_test_accuracy_mean"] > majority
+            check["met"] = lte["selected_test_accuracy_mean"] > majority if full_above else None
+            check["target"] = ("above the majority rate, as federated full is" if full_above
+                               else "none: federated full stays at the majority rate")
+        checks.append(check)
+    return checks
+
+
+def _pm(row: dict[str, Any], score: str) -> str:
+    mean, std = row[f"{score}_mean"], row[f"{score}_std"]
+    return f"{mean:.3f} ± {std:.3f}" if len(row["seeds"]) > 1 else f"{mean:.3f}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -128,176 +164,159 @@ def _fmt_bytes(n: float) -> str:
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
+    """lte_compare.json, .md and .png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    methods = results["methods"]
     json_path = out / "lte_compare.json"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-
-    full_bytes = methods["full"]["bytes_per_client_round"] if "full" in methods else None
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    v = results["versions"]
     lines = [
-        f"# LTE from scratch vs full training vs LoRA ({results['dataset']}, preset `{results['preset']}`)",
-        "",
-        f"Date: {results['date']}. Hardware: {results['hardware']}. "
-        f"torch {results['versions'].get('torch', '?')}, timm {results['versions'].get('timm', '?')}, "
-        f"flwr {results['versions'].get('flwr', '?')}.",
-        f"Test majority-class rate: {results['majority_class_accuracy']:.4f}. All runs from random init "
-        f"(`pretrained=false`), same seed, same samples seen per round.",
-        "",
-        "| method | peft | clients | heads x rank / merge every | final test ACC | final test AUC | best ACC | "
-        "first eval ACC | trainable params | bytes / client / round | vs full | full model | samples seen | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"# LTE vs full training vs LoRA, central and federated ({results['dataset']}, {results['model']}, "
+        f"grid `{results['grid']}`)", "",
+        f"Date: {results['date']}. Hardware: {results['hardware']}. torch {v.get('torch', '?')}, "
+        f"timm {v.get('timm', '?')}, flwr {v.get('flwr', '?')}.",
+        f"All runs from random init at equal rounds and samples seen. Test ACC/AUC: mean ± sample std over seeds, "
+        f"at the round the official validation split selects (`select-metric`) and at the last round. "
+        f"Test majority-class rate: {results['majority_class_accuracy']:.4f}.", "",
+        "| setting | method | clients | seeds | selected test ACC | selected test AUC | last test ACC | last test AUC "
+        "| trainable params | bytes / client-round | vs full | samples seen / run | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in methods.items():
-        o = m["overrides"]
-        shape = (f"{o.get('lte-heads')} x {o.get('lora-rank')} / {o.get('lte-merge-every')}" if o["peft"] == "lte"
-                 else f"1 x {o.get('lora-rank')} / never" if o["peft"].startswith("lora") else "-")
-        ratio = f"{m['bytes_per_client_round'] / full_bytes:.3f}" if full_bytes else "-"
-        first = m["initial_test_accuracy"]
-        lines.append(
-            f"| {name} | {o['peft']} | {o['num-clients']} | {shape} | {m['final_test_accuracy']:.4f} | "
-            f"{m['final_test_auc']:.4f} | {m['best_test_accuracy']:.4f} | "
-            f"{'-' if first is None else f'{first:.4f}'} | {m['trainable_params']:,} | "
-            f"{_fmt_bytes(m['bytes_per_client_round'])} | {ratio} | {_fmt_bytes(m['full_model_bytes'])} | "
-            f"{m['samples_seen']:,} | {m['wall_seconds']:.1f} |")
-    lines += ["", "Summary:", ""]
-    for key, label in (("lte_vs_full_gap_points", "LTE minus full, final test ACC (points)"),
-                       ("fed_lte_vs_full_gap_points", "federated LTE minus full, final test ACC (points)"),
-                       ("fed_lte_bytes_ratio_vs_full", "federated LTE bytes per client-round / full training's"),
-                       ("lte_beats_majority_and_first_eval", "LTE beats the majority rate and its first eval")):
-        if results.get(key) is not None:
-            v = results[key]
-            lines.append(f"- {label}: {v:+.2f}" if isinstance(v, float) and "points" in label
-                         else f"- {label}: {v:.4f}" if isinstance(v, float) else f"- {label}: {v}")
-    lines += ["", "Settings (run-config overrides per method):", ""]
-    lines += [f"- `{n}`: " + " ".join(f"{k}={v}" for k, v in m["overrides"].items()) for n, m in methods.items()]
-    lines += ["", "Bytes: upload + download per client and round (ArrayRecord payloads); centralized runs "
-              "count their single client. The LoRA baseline trains no pos_embed/cls_token (LTE trains them as "
-              "replicas). Real MedMNIST images; see the data folder's SOURCES.md for how the file differs "
-              "from the official release: these are not official MedMNIST results.", ""]
+    for r in results["rows"]:
+        ratio = "-" if r["bytes_ratio_vs_full"] is None else f"{r['bytes_ratio_vs_full']:.3f}"
+        lines.append(f"| {r['setting']} | {r['method']} | {r['num_clients']} | {len(r['seeds'])} | "
+                     f"{' | '.join(_pm(r, s) for s in SCORES)} | {r['trainable_params']:,} | "
+                     f"{_fmt_bytes(r['bytes_per_client_round'])} | {ratio} | {r['samples_seen']:,} | "
+                     f"{r['wall_seconds']:.0f} |")
+    if results["targets"]:
+        lines += ["", "Federated LTE against federated full training of the same split (selected round, means):", "",
+                  "| setting | ACC gap (points) | AUC gap (points) | bytes ratio | target | met |", "|---|---|---|---|---|---|"]
+        for t in results["targets"]:
+            met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
+            lines.append(f"| {t['setting']} | {t['acc_gap_points']:+.2f} | {t['auc_gap_points']:+.2f} | "
+                         f"{t['bytes_ratio']:.3f} | {t['target']} | {met} |")
+    lines += ["", "Settings: the sweep's grid file `grid.toml` next to this file; every run's config, "
+              "summary.json and metrics.jsonl under `runs/`. Real MedMNIST images; see the data folder's "
+              "SOURCES.md for how a file differs from the official release.", ""]
     md_path = out / "lte_compare.md"
     md_path.write_text("\n".join(lines))
+    png_path = out / "lte_compare.png"
+    _plot(results, png_path)
+    return [md_path, json_path, png_path]
 
+
+def _plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, m in methods.items():
-        ax.plot([c["samples_seen"] for c in m["curve"]], [c["test_accuracy"] for c in m["curve"]], "o-", label=name)
-    ax.axhline(results["majority_class_accuracy"], color="grey", ls="--", label="majority class")
-    ax.set(xlabel="training samples seen", ylabel="test accuracy",
-           title=f"From scratch on {results['dataset']} ({results['preset']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    settings = list(dict.fromkeys(r["setting"] for r in results["rows"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for row in (r for r in results["rows"] if r["setting"] == setting):
+            curves = [run["curve"] for run in results["runs"] if run["config"] == row["config"]]
+            n = min(len(c) for c in curves)
+            acc = [statistics.mean(c[i]["test_accuracy"] for c in curves) for i in range(n)]
+            ax.plot([curves[0][i]["samples_seen"] for i in range(n)], acc, "o-", ms=3, label=row["method"])
+        ax.axhline(results["majority_class_accuracy"], color="grey", ls="--", lw=1)
+        ax.set(title=setting, xlabel="training samples seen")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (mean over seeds)")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    png_path = out / "lte_compare.png"
-    fig.savefig(png_path, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [md_path, json_path, png_path]
 
 
-def compare(preset: str, out: Path, methods: list[str], common_set: dict[str, Any],
-            method_set: dict[str, dict[str, Any]], keep_runs: Path | None = None) -> dict[str, Any]:
-    plan = {m: method_overrides(preset, m, common_set, method_set) for m in methods}
-    for m, o in plan.items():  # refuse bad settings before anything trains
-        RunConfig.from_mapping(o)
-    tag = datetime.now().strftime("%Y%m%d-%H%M%S")
-    with tempfile.TemporaryDirectory(prefix="lte_compare-") as tmp:
-        runs_root = keep_runs or Path(tmp)
-        results: dict[str, Any] = {"methods": {}}
-        for i, (m, o) in enumerate(plan.items(), 1):
-            print(f"[lte_compare] {i}/{len(plan)} {m}: " + " ".join(f"{k}={v}" for k, v in o.items()), flush=True)
-            r = run_method(m, o, runs_root, tag)
-            print(f"[lte_compare] {m}: test ACC {r['final_test_accuracy']:.4f} AUC {r['final_test_auc']:.4f}"
-                  f" (first eval {r['initial_test_accuracy'] or math.nan:.4f}) | {r['trainable_params']:,} trainable"
-                  f" | {_fmt_bytes(r['bytes_per_client_round'])}/client/round | {r['wall_seconds']:.1f} s", flush=True)
-            results["methods"][m] = r
-    first = next(iter(results["methods"].values()))
-    ms = results["methods"]
-    results.update({
-        "date": datetime.now().isoformat(timespec="seconds"), "hardware": first.pop("hardware"),
-        "versions": first.pop("versions"), "preset": preset, "dataset": first["overrides"]["dataset"],
-        "majority_class_accuracy": first["majority_class_accuracy"],
-        "lte_vs_full_gap_points": _gap(ms, "lte"), "fed_lte_vs_full_gap_points": _gap(ms, "fed-lte"),
-        "fed_lte_bytes_ratio_vs_full": (ms["fed-lte"]["bytes_per_client_round"] / ms["full"]["bytes_per_client_round"]
-                                        if {"fed-lte", "full"} <= ms.keys() else None),
-        "lte_beats_majority_and_first_eval": (
-            ms["lte"]["final_test_accuracy"] > max(ms["lte"]["majority_class_accuracy"],
-                                                   ms["lte"]["initial_test_accuracy"]) if "lte" in ms else None),
-    })
-    for r in ms.values():
-        r.pop("hardware", None), r.pop("versions", None)
-        if keep_runs is None:
-            r.pop("run_dir", None)
+def compare(grid_file: Path, out: Path, methods: list[str] | None = None, settings: list[str] | None = None,
+            seeds: list[int] | None = None, jobs: int = 1, backend: str = "inprocess",
+            overrides: dict[str, Any] | None = None, train: bool = True) -> dict[str, Any]:
+    """Run (or resume) the sweep of the cut grid, then write the comparison of the runs that finished
+    (``train=False``: only the comparison, e.g. after a sweep cut off by a time limit)."""
+    grid = load_grid(grid_file, methods, settings, overrides)
+    out = out.resolve()
+    sweep.plan(grid, out, seeds)  # refuse bad settings before anything trains
+    if train:
+        write_grid(grid, out / "grid.toml")
+        args = ["--grid", str(out / "grid.toml"), "--out", str(out), "--backend", backend, "--jobs", str(jobs)]
+        sweep.main(args + (["--seeds", ",".join(map(str, seeds))] if seeds else []))
+    planned = sweep.plan(grid, out, seeds)
+    runs = sweep.collect(planned, out)
+    unfinished = sorted({name for name, _ in planned} - {r["run"] for r in runs})
+    if not runs:
+        raise RuntimeError(f"no run of {grid_file} finished; see the logs under {out / 'logs'}")
+    results = {"date": datetime.now().isoformat(timespec="seconds"), "hardware": runs[0]["hardware"],
+               "versions": runs[0]["versions"], "grid": grid_file.name, "dataset": runs[0]["config"]["dataset"],
+               "model": runs[0]["config"]["model"], "majority_class_accuracy": runs[0]["majority_class_accuracy"],
+               **summarize(runs, config_labels(grid)), "unfinished_runs": unfinished,
+               "runs": [{"run": r["run"], "config": r["config_name"], "seed": r["seed"],
+                         **{k: r[k] for k in (*SCORES, "selected_round", "bytes_per_client_round", "wall_seconds")},
+                         "curve": curve(r)} for r in runs]}
     for path in write_outputs(results, out):
         print(f"[lte_compare] wrote {path}", flush=True)
     return results
 
 
-def _gap(ms: dict[str, Any], method: str) -> float | None:
-    if {method, "full"} <= ms.keys():
-        return 100 * (ms[method]["final_test_accuracy"] - ms["full"]["final_test_accuracy"])
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedmeld lte-compare", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
-    )
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", dest="preset", action="store_const", const="small",
-                      help="CPU preset (default): vit_pico_patch4_28 on PneumoniaMNIST, 3 rounds; <= 3 min on 2 cores")
-    size.add_argument("--full", dest="preset", action="store_const", const="full",
-                      help="GPU preset: vit_nano_patch4_28 (width 192), 15 rounds; <= 4 min on one H100")
-    parser.set_defaults(preset="small")
-    parser.add_argument("--out", default="simulations/results/lte_compare_cpu", type=Path,
-                        help="folder for lte_compare.md, .json and .png (created; default: %(default)s)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--small", dest="grid", action="store_const", const=PRESETS["small"],
+                        help="CPU grid (default): vit_pico_patch4_28 on the PneumoniaMNIST subset, 1 seed; "
+                             "minutes on 2 cores")
+    source.add_argument("--gpu", dest="grid", action="store_const", const=PRESETS["gpu"],
+                        help="GPU grid: vit_nano_patch4_28 (width 192), 16 rounds, 3 seeds; about 5 minutes on one "
+                             "H200 with --jobs 8")
+    source.add_argument("--grid", dest="grid", type=Path, help="another grid file with [[axis.method]] and "
+                                                               "[[axis.setting]] tables")
+    parser.set_defaults(grid=PRESETS["small"])
+    parser.add_argument("--out", default=Path("runs/lte-compare"), type=Path,
+                        help="sweep folder, receives lte_compare.md/.json/.png too; re-run with the same --out to "
+                             "resume (default: %(default)s)")
+    parser.add_argument("--methods", help="comma-separated method labels of the grid to run (default: all)")
+    parser.add_argument("--settings", help="comma-separated setting labels of the grid to run, e.g. central,iid "
+                                           "(default: all)")
+    parser.add_argument("--seeds", metavar="0,1,2", help="seeds (default: the grid file's [sweep] seeds)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time, each its own process")
+    parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
+                        help="simulation backend of every run (default: %(default)s)")
     parser.add_argument("--data-root", default=None,
                         help="folder holding <dataset>.npz (the run-config key data-root); default: $MEDMNIST_ROOT, "
                              "else /work/shared/data/medmnist-subsets when it exists")
-    parser.add_argument("--set", dest="common_set", action="append", default=[], metavar="key=value",
-                        help="run-config override for every method, e.g. --set num-server-rounds=1 (repeatable); "
-                             "the keys that define a method (peft, num-clients, partition, ...) cannot be changed")
-    for m in METHODS:
-        parser.add_argument(f"--set-{m}", dest=f"set_{m.replace('-', '_')}", action="append", default=[],
-                            metavar="key=value", help=f"run-config override for {m} only (repeatable)")
-    parser.add_argument("--keep-runs", type=Path, default=None,
-                        help="keep the four run directories under this folder (default: a temporary folder, deleted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                        help="run-config override for every run, e.g. --set num-server-rounds=2 (repeatable)")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="train nothing: write the comparison of the runs already finished in --out (with the "
+                             "same grid, --methods, --settings, --seeds and --set), e.g. after a time limit cut the "
+                             "sweep off")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 with --small, since a shared 2-core CPU thrashes with "
-                             "more; torch's default with --full)")
+                        help="CPU threads per run (OMP_NUM_THREADS of each run's process; default: 1 with --small, "
+                             "since a shared 2-core CPU thrashes with more; else the sweep's share of the cores)")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or set(methods) - set(METHODS):
-        parser.error(f"--methods must be a subset of {', '.join(METHODS)}")
+    split = lambda v: [s.strip() for s in v.split(",") if s.strip()] if v else None  # noqa: E731
     try:
-        common = parse_pairs(args.common_set)
-        per_method = {m: parse_pairs(getattr(args, f"set_{m.replace('-', '_')}")) for m in METHODS}
-    except ConfigError as err:
-        parser.error(str(err))
+        overrides = parse_pairs(args.overrides)
+        seeds = [int(s) for s in split(args.seeds)] if args.seeds else None
+    except (ConfigError, ValueError) as err:
+        parser.error(f"--set / --seeds: {err}")
     data_root = args.data_root or os.environ.get("MEDMNIST_ROOT") or (
         "/work/shared/data/medmnist-subsets" if Path("/work/shared/data/medmnist-subsets").is_dir() else "")
-    if data_root and "data-root" not in common:
-        common["data-root"] = data_root
-    threads = args.threads if args.threads is not None else (1 if args.preset == "small" else 0)
+    if data_root and "data-root" not in overrides:
+        overrides["data-root"] = data_root
+    threads = args.threads if args.threads is not None else (1 if args.grid == PRESETS["small"] else 0)
     if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import flwr.common.logger  # noqa: F401 -- Flower sets its logger's level on import; quiet it after that
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    logging.getLogger("flwr").propagate = False
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    if not args.grid.is_file():
+        parser.error(f"no grid file {args.grid}")
     try:
-        compare(args.preset, args.out, methods, common, per_method, args.keep_runs)
+        results = compare(args.grid, args.out, split(args.methods), split(args.settings), seeds, args.jobs,
+                          args.backend, overrides, train=not args.collect_only)
     except ConfigError as err:
         parser.error(str(err))
-    return 0
+    if results["unfinished_runs"]:
+        print(f"[lte_compare] not finished: {', '.join(results['unfinished_runs'])}", flush=True)
+    return 1 if results["unfinished_runs"] else 0
 
 
 if __name__ == "__main__":

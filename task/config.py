@@ -213,6 +213,9 @@ class RunConfig:
     lte_merge_mode: str = _key('resetless', "LTE merge rule: resetless (the base takes the mean change of s·B·A, factors "
                                "kept) or reinit (merge the mean s·B·A, then re-initialise the heads, ReLoRA-style).",
                                MERGE_MODES)
+    lte_reset_moments: bool = _key(False, "LTE: clear AdamW's moments of the heads' factors at every merge, so the heads "
+                                   "restart from zero momentum (with lte-merge-mode=reinit the fresh heads otherwise "
+                                   "inherit the old heads' moments).")
     bn_stats: str = _key('aggregate', "BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
                          ("aggregate", "frozen"))
     aggregation: str = _key("fedavg", _aggregation_help, lambda: tuple(sorted(AGGREGATORS)))

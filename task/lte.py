@@ -1,5 +1,6 @@
 """LTE's local training: the LoRA heads of ``peft/lte.py`` trained by the ordinary loop of
-``task/engine.py``, with a merge step every ``lte-merge-every`` optimizer steps and once at the end."""
+``task/engine.py``, with a merge step every ``lte-merge-every`` optimizer steps and once at the end
+(optionally dropping the heads' AdamW moments at each merge: ``lte-reset-moments``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from fedmeld.peft.lte import merge_lte, reset_lte
+from fedmeld.peft.lte import lte_layers, merge_lte, reset_lte
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, TaskInfo
-from fedmeld.task.engine import Inputs, train
+from fedmeld.task.engine import Inputs, adamw, train
 from fedmeld.task.schedule import lr_at
 
 
@@ -27,10 +28,18 @@ def for_heads(data: Split, batch_size: int, heads: int) -> Split:
     return data.subset(range(len(data) - extra)) if extra else data
 
 
+def forget_heads(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Drop the optimizer's state (moments, step count) of every head factor: they restart from zero."""
+    for layer in lte_layers(model).values():
+        optimizer.state.pop(layer.lora_A, None)
+        optimizer.state.pop(layer.lora_B, None)
+
+
 @contextmanager
-def merge_every(model: nn.Module, steps: int) -> Iterator[None]:
+def merge_every(model: nn.Module, steps: int, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
     """A merge step before every ``steps``-th training forward pass after the first, i.e. right
-    after each ``steps``-th optimizer step, without a hook in the training loop."""
+    after each ``steps``-th optimizer step, without a hook in the training loop. With
+    ``optimizer``, the heads' optimizer state is dropped at each merge."""
     count = 0
 
     def hook(module: nn.Module, args: tuple) -> None:
@@ -38,6 +47,8 @@ def merge_every(model: nn.Module, steps: int) -> Iterator[None]:
         if module.training:
             if count and count % steps == 0:
                 merge_lte(module)
+                if optimizer is not None:
+                    forget_heads(optimizer, module)
             count += 1
 
     handle = model.register_forward_pre_hook(hook)
@@ -56,10 +67,14 @@ def train_lte(model: nn.Module, data: Split, info: TaskInfo, cfg: RunConfig, *, 
     if reset:
         reset_lte(model, torch.Generator().manual_seed(seed))
     data = for_heads(data, cfg.batch_size, lora_heads(cfg))
-    with merge_every(model, cfg.lte_merge_every) if merge else nullcontext():
+    model.to(device)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
+    forget = optimizer if merge and cfg.lte_reset_moments else None
+    with merge_every(model, cfg.lte_merge_every, forget) if merge else nullcontext():
         stats = train(model, data, info, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, device=device, seed=seed, inputs=Inputs.of(cfg),
-                      lr_at=lambda epoch: lr_at(cfg, server_round, epoch), precision=cfg.precision)
+                      optimizer=optimizer, lr_at=lambda epoch: lr_at(cfg, server_round, epoch),
+                      precision=cfg.precision)
     if merge:
         merge_lte(model)
     return stats

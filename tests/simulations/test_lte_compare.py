@@ -1,4 +1,4 @@
-"""simulations.lte_compare: LTE learns from scratch on real MedMNIST; the comparison writes its files."""
+"""simulations.lte_compare: the fair comparison runs through the sweep on real MedMNIST and writes its table."""
 
 from __future__ import annotations
 
@@ -6,80 +6,91 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from fedmeld.simulations.lte_compare import JSON_KEYS, METHOD_KEYS, METHODS, compare, main
-
+from fedmeld.simulations.lte_compare import (JSON_KEYS, PRESETS, ROW_KEYS, compare, config_labels, load_grid, main,
+                                             summarize)
+from fedmeld.task.config import ConfigError
 
 
 @pytest.fixture(scope="module")
-def lte_run(tmp_path_factory, subsets_root) -> tuple[dict, Path]:
-    """Central LTE from random init on the PneumoniaMNIST subset (3882 train images), 2 epochs."""
+def small_run(tmp_path_factory, subsets_root) -> tuple[dict, Path]:
+    """Full training and LTE, central, from random init on the PneumoniaMNIST subset, 2 rounds each
+    (the --small grid cut to 2 runs: each run is a process of its own; the federated rows' arithmetic
+    is test_targets_follow_the_issue's)."""
     out = tmp_path_factory.mktemp("lte_compare")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as lte_compare --small does: a shared 2-core CPU thrashes with more
-    try:
-        results = compare("small", out, ["lte"], {"data-root": str(subsets_root), "num-server-rounds": 2}, {})
-    finally:
-        torch.set_num_threads(threads)
+    results = compare(PRESETS["small"], out, ["full", "lte"], ["central"], jobs=2,
+                      overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
     return results, out
 
 
-def test_lte_from_scratch_beats_majority_and_its_first_eval(lte_run):
-    results, _ = lte_run
-    lte = results["methods"]["lte"]
-    assert lte["overrides"]["pretrained"] is False and lte["overrides"]["peft"] == "lte"
-    assert lte["overrides"]["lte-heads"] > 1
-    majority, first, final = lte["majority_class_accuracy"], lte["initial_test_accuracy"], lte["final_test_accuracy"]
-    assert majority == pytest.approx(390 / 624)
-    # a margin, so a model stuck on the majority class (or at chance) fails
-    assert final > majority + 0.05, lte["curve"]
-    assert final > first + 0.05, lte["curve"]
-    assert lte["final_test_auc"] > 0.75
-    assert [c["round"] for c in lte["curve"]] == [0, 1, 2]
-    seen = [c["samples_seen"] for c in lte["curve"]]
-    assert seen[0] == 0 and seen[2] == 2 * seen[1] > 3000  # one pass over ~90% of 3882 per round
-    assert results["lte_beats_majority_and_first_eval"] is True
+def test_central_lte_learns_and_rows_are_at_equal_samples_seen(small_run):
+    results, _ = small_run
+    rows = {(r["method"], r["setting"]): r for r in results["rows"]}
+    assert list(rows) == [("full", "central"), ("lte", "central")]
+    assert results["majority_class_accuracy"] == pytest.approx(390 / 624)
+    assert rows["lte", "central"]["selected_test_auc_mean"] > 0.75  # from scratch: a model at chance fails
+    seen = [r["samples_seen"] for r in rows.values()]
+    assert max(seen) - min(seen) <= 16 and min(seen) > 2 * 3000  # 2 passes over ~90% of 3882, heads trim a few
+    assert {r["num_clients"] for r in rows.values()} == {1}
+    assert rows["full", "central"]["bytes_ratio_vs_full"] == 1.0
+    assert 0 < rows["lte", "central"]["bytes_ratio_vs_full"] < 1  # factors and dense tensors, never the backbone
+    assert rows["full", "central"]["trainable_params"] > rows["lte", "central"]["trainable_params"]
+    assert results["targets"] == [] and results["unfinished_runs"] == []  # targets compare federated rows
 
 
-def test_outputs_have_documented_keys(lte_run):
-    results, out = lte_run
-    assert sorted(p.name for p in out.iterdir()) == ["lte_compare.json", "lte_compare.md", "lte_compare.png"]
+def test_outputs_have_documented_keys(small_run):
+    results, out = small_run
+    assert {"lte_compare.json", "lte_compare.md", "lte_compare.png", "grid.toml", "results.md", "runs"} <= \
+        {p.name for p in out.iterdir()}
     data = json.loads((out / "lte_compare.json").read_text())
-    assert set(JSON_KEYS) <= data.keys()
-    assert set(METHOD_KEYS) <= data["methods"]["lte"].keys()
-    assert data["hardware"] and data["date"]
+    assert set(JSON_KEYS) <= data.keys() and data["hardware"] and data["date"]
+    assert all(set(ROW_KEYS) <= row.keys() for row in data["rows"])
+    assert [c["round"] for c in data["runs"][0]["curve"]] == [0, 1, 2]
     md = (out / "lte_compare.md").read_text()
-    assert "| lte | lte | 1 |" in md and data["hardware"] in md
+    assert "| central | lte | 1 | 1 |" in md and "| central | full | 1 | 1 |" in md and data["hardware"] in md
     assert (out / "lte_compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_all_four_methods_at_equal_samples_seen(medmnist_root, tmp_path, capsys):
-    """The CLI end to end, every method, one tiny round on BreastMNIST (546 train images)."""
-    assert main(["--small", "--out", str(tmp_path / "out"), "--data-root", str(medmnist_root),
-                 "--set", "dataset=breastmnist", "--set", "num-server-rounds=1", "--threads", "1"]) == 0
-    assert "[lte_compare] 4/4 fed-lte" in capsys.readouterr().out
-    data = json.loads((tmp_path / "out" / "lte_compare.json").read_text())
-    methods = data["methods"]
-    assert list(methods) == list(METHODS)
-    assert {m["overrides"]["num-clients"] for m in methods.values()} >= {1, 4}
-    assert methods["fed-lte"]["overrides"]["partition"] == "dirichlet"
-    seen = [m["samples_seen"] for m in methods.values()]
-    assert max(seen) - min(seen) <= 16 and min(seen) > 400  # equal up to batches cut for the heads
-    full = methods["full"]
-    assert full["trainable_params"] > methods["lte"]["trainable_params"] > methods["lora"]["trainable_params"]
-    assert methods["lte"]["bytes_per_client_round"] < full["bytes_per_client_round"]
-    assert data["fed_lte_bytes_ratio_vs_full"] == pytest.approx(
-        methods["fed-lte"]["bytes_per_client_round"] / full["bytes_per_client_round"])
-    assert isinstance(data["lte_vs_full_gap_points"], float)
-    md = (tmp_path / "out" / "lte_compare.md").read_text()
-    assert all(f"| {m} |" in md for m in METHODS)
+def test_a_second_call_resumes_and_trains_nothing(small_run, subsets_root, capsys):
+    results, out = small_run
+    again = compare(PRESETS["small"], out, ["full", "lte"], ["central"],
+                    overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert again["rows"] == results["rows"]
 
 
-def test_method_defining_keys_cannot_be_overridden(tmp_path):
-    from fedmeld.simulations.lte_compare import method_overrides
+def test_targets_follow_the_issue():
+    """Within 2 points at <= 0.15x the bytes under IID; under Dirichlet 0.5 only where full beats the majority."""
+    grid = load_grid(PRESETS["gpu"], ["full", "lte"], ["iid", "dir0.5"])
+    labels = config_labels(grid)
+    assert labels == {"full_iid": ("full", "iid"), "full_dir0.5": ("full", "dir0.5"),
+                      "lte_iid": ("lte", "iid"), "lte_dir0.5": ("lte", "dir0.5")}
 
-    o = method_overrides("small", "fed-lte", {"num-clients": 1, "peft": "full", "lr": 0.1}, {})
-    assert (o["num-clients"], o["peft"], o["lr"], o["pretrained"]) == (4, "lte", 0.1, False)
+    def run(config: str, seed: int, acc: float, auc: float, sent: float) -> dict:
+        return {"config_name": config, "seed": seed, "config": {"num-clients": 4}, "selected_test_accuracy": acc,
+                "selected_test_auc": auc, "final_test_accuracy": acc, "final_test_auc": auc,
+                "trainable_params": 1, "bytes_per_client_round": sent, "samples_seen": 100, "wall_seconds": 1.0,
+                "majority_class_accuracy": 0.625}
+
+    runs = [run("full_iid", s, 0.80 + s / 100, 0.90, 100.0) for s in (0, 1)] + \
+           [run("lte_iid", s, 0.79 + s / 100, 0.89, 10.0) for s in (0, 1)] + \
+           [run("full_dir0.5", 0, 0.625, 0.6, 100.0), run("lte_dir0.5", 0, 0.625, 0.5, 10.0)]
+    out = summarize(runs, labels)
+    iid, skew = out["targets"]
+    assert (iid["setting"], iid["met"], iid["bytes_ratio"]) == ("iid", True, 0.1)
+    assert iid["acc_gap_points"] == pytest.approx(-1.0)
+    assert out["rows"][0]["selected_test_accuracy_std"] == pytest.approx(0.00707, abs=1e-4)
+    assert skew["met"] is None  # federated full stays at the majority rate: nothing to match
+    runs[4]["selected_test_accuracy"] = 0.70
+    assert summarize(runs, labels)["targets"][1]["met"] is False
+
+
+def test_bad_grids_and_labels_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown method"):
+        load_grid(PRESETS["small"], ["lte", "bogus"])
+    other = tmp_path / "grid.toml"
+    other.write_text('[grid]\nlr = [0.1]\n[[axis.method]]\nlabel = "a"\n')
+    with pytest.raises(ConfigError, match="exactly two axis tables"):
+        load_grid(other)
     with pytest.raises(SystemExit):
-        main(["--methods", "lte,bogus", "--out", str(tmp_path)])
+        main(["--settings", "central,bogus", "--out", str(tmp_path / "out")])

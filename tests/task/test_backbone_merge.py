@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from fedmeld.peft.lte import lte_layers
 from fedmeld.task.backbone_merge import (Backbone, BackboneMergeServer, base_state, build_merge_model, client_round,
                                          dense_state, snapshot, sync)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import load_split, task_info
+from fedmeld.task.engine import adamw
+from fedmeld.task.lte import merge_every
 from fedmeld.task.wire import nbytes
 
 CPU = torch.device("cpu")
@@ -20,10 +24,12 @@ def _cfg(medmnist_root, **overrides) -> RunConfig:
                                    "local-epochs": 1, **overrides})
 
 
-def test_federated_replicas_follow_the_server_through_low_rank_updates(medmnist_root):
+@pytest.mark.parametrize("reset_moments", [False, True])
+def test_federated_replicas_follow_the_server_through_low_rank_updates(medmnist_root, reset_moments):
     """Three clients, three rounds, client 2 misses round 2 and catches up from the missed factors;
-    every replica ends equal to the server's backbone, and only factors and replicas crossed."""
-    cfg = _cfg(medmnist_root, **{"lora-rank": 2})
+    every replica ends equal to the server's backbone, and only factors and replicas crossed (with
+    the heads' optimizer moments kept or dropped at each merge)."""
+    cfg = _cfg(medmnist_root, **{"lora-rank": 2, "lte-reset-moments": reset_moments})
     info = task_info(cfg.dataset)
     data = load_split(cfg.dataset, "train", data_root=cfg.data_root)
     shards = [data.subset(range(i * 48, (i + 1) * 48)) for i in range(3)]
@@ -81,3 +87,21 @@ def test_exact_merges_mixed_ranks_into_the_backbone(client_factors):
     by_hand = (clients[0]["l/B"] @ clients[0]["l/A"] + clients[1]["l/B"] @ clients[1]["l/A"]
                + 2 * clients[2]["l/B"] @ clients[2]["l/A"]) / 4
     assert (server.backbone.base["l.weight"] - 1 - by_hand).abs().max() <= 1e-5
+
+
+def test_reset_moments_restarts_the_heads_optimizer_state_at_each_merge(medmnist_root):
+    """Three steps merging after each: the heads' AdamW state counts one step (dropped at both merges),
+    the dense parameters' three; the fresh reinit heads start from zero momentum."""
+    cfg = _cfg(medmnist_root, **{"lte-merge-mode": "reinit"})
+    model = build_merge_model(cfg, task_info(cfg.dataset)).train()
+    opt = adamw([p for p in model.parameters() if p.requires_grad], 1e-3, 0.0)
+    x = torch.randn(4, model.patch_embed.proj.in_channels, 28, 28, generator=torch.Generator().manual_seed(0))
+    with merge_every(model, 1, opt):
+        for _ in range(3):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    layer = next(iter(lte_layers(model).values()))
+    assert int(opt.state[layer.lora_A]["step"]) == int(opt.state[layer.lora_B]["step"]) == 1
+    assert int(opt.state[model.cls_token]["step"]) == 3
+    assert len(layer.ledger) == 2  # both merges happened
