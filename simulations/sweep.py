@@ -21,8 +21,9 @@ standard deviation) over the seeds of each config. Every config is checked befor
 is a separate ``fedmeld run`` process writing ``<out>/runs/<name>/``; a run whose
 summary.json exists is skipped, so an interrupted sweep resumes where it stopped (a half-written
 run directory is kept aside as ``<name>.incomplete-<time>``, one whose config has since changed as
-``<name>.stale-<time>``; nothing is deleted). At the end the sweep
-writes ``results.csv``, ``results.md``, ``accuracy_per_round.png`` and ``accuracy_vs_bytes.png``.
+``<name>.stale-<time>``; nothing is deleted). The sweep writes ``results.csv``, ``results.md``,
+``accuracy_per_round.png`` and ``accuracy_vs_bytes.png`` every 30 s while it runs and at its end;
+``--report-only`` writes them from the finished runs without running anything.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "selected_round", "selec
                "wall_seconds")
 SCORES = ("final_test_accuracy", "final_test_auc", "selected_test_accuracy", "selected_test_auc")
 SEED_SUFFIX = re.compile(r"_seed\d+$")
+REPORT_EVERY = 30.0  # seconds between rewrites of the tables while a sweep runs (and once at its end)
 
 
 def expand(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -229,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs at a time, each its own process (a GPU box: several; default 1)")
     parser.add_argument("--seeds", metavar="0,1,2", help="run every config once per seed; tables give mean ± std "
                                                          "(default: the grid file's [sweep] seeds, else one run)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the tables and plots of the runs already finished in --out "
+                             "(e.g. of a sweep that was cut off)")
     args = parser.parse_args(argv)
     path = Path(args.grid) if args.grid else PRESETS / f"{args.preset}.toml"
     if not path.is_file():
@@ -246,20 +251,29 @@ def main(argv: list[str] | None = None) -> int:
         planned = plan(grid, out, seeds)
     except ConfigError as err:
         parser.error(str(err))
+    title = f"Sweep {path.stem}"
+    if args.report_only:
+        rows = collect(planned, out)
+        write_reports(rows, out, title)
+        print(f"[sweep] {len(rows)}/{len(planned)} runs finished; tables in {out}", flush=True)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {len(planned)} runs into {out}", flush=True)
-    failed, lock = [], threading.Lock()
+    failed, lock, written = [], threading.Lock(), [time.monotonic()]
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
 
     def run(item: tuple[str, RunConfig]) -> None:
         if not run_one(*item, out, args.backend, threads):
             failed.append(item[0])
-        with lock:
-            write_reports(collect(planned, out), out, f"Sweep {path.stem}")  # current after every run
+        with lock:  # current while the sweep runs, but at most every REPORT_EVERY s: hundreds of short
+            if time.monotonic() - written[0] >= REPORT_EVERY:  # runs would otherwise queue on this lock
+                write_reports(collect(planned, out), out, title)
+                written[0] = time.monotonic()
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is a process of its own
         list(pool.map(run, planned))
+    write_reports(collect(planned, out), out, title)
     print(f"[sweep] {len(planned) - len(failed)}/{len(planned)} runs finished; tables in {out}", flush=True)
     print(out)
     return 1 if failed else 0

@@ -43,6 +43,11 @@ def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
     assert int(rows[0]["trainable_params"]) > int(rows[1]["trainable_params"])  # norm+head > head
     for name in ("results.md", "accuracy_per_round.png", "accuracy_vs_bytes.png"):
         assert (out / name).stat().st_size > 0
+    (out / "results.csv").unlink()
+    capsys.readouterr()
+    assert main(["--grid", str(grid), "--out", str(out), "--report-only"]) == 0  # tables again, nothing run
+    assert "running" not in capsys.readouterr().out
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
 
     (out / "runs" / "head" / "summary.json").unlink()  # as if interrupted mid-run
     norm_summary = (out / "runs" / "norm" / "summary.json").read_bytes()

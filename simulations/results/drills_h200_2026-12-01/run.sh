@@ -44,10 +44,10 @@ progress() {  # DIR TOTAL: finished runs every 30 s, until killed
 echo "== drills (weights: ${DRILL_WEIGHTS:-random init})"
 progress $W/drills 240 & P=$!
 SET=${DRILL_WEIGHTS:+weights=$DRILL_WEIGHTS}
-bounded $DRILL_S python3 $HERE/sweep_then_report.py sweep --preset drills --backend inprocess --jobs 16 --out $W/drills \
+bounded $DRILL_S python3 -m fedmeld.simulations.cli sweep --preset drills --backend inprocess --jobs 16 --out $W/drills \
   ${SET:+--set $SET} > $W/drills.log 2>&1
 echo "drills sweep rc=$?"; kill $P; date -u
-python3 $HERE/sweep_then_report.py report drills $W/drills $SET
+python3 -m fedmeld.simulations.cli sweep --preset drills --out $W/drills --report-only ${SET:+--set $SET}
 python3 $HERE/drill_table.py $W/drills > $W/drills/drill_table.md
 cat $W/drills/drill_table.md
 
@@ -60,10 +60,10 @@ done
 echo "== dp table (weights: ${DP_WEIGHTS:-random init})"
 progress $W/dp 16 & P=$!
 SET="device=auto num-server-rounds=$DP_ROUNDS local-epochs=2 ${DP_WEIGHTS:+weights=$DP_WEIGHTS}"
-bounded $DP_S python3 $HERE/sweep_then_report.py sweep --preset dp --backend inprocess --jobs 16 --out $W/dp \
+bounded $DP_S python3 -m fedmeld.simulations.cli sweep --preset dp --backend inprocess --jobs 16 --out $W/dp \
   --set $SET > $W/dp.log 2>&1
 echo "dp sweep rc=$?"; kill $P; date -u
-python3 $HERE/sweep_then_report.py report dp $W/dp $SET
+python3 -m fedmeld.simulations.cli sweep --preset dp --out $W/dp --report-only --set $SET
 python3 -m fedmeld.simulations.dp_table $W/dp $W/dp_step_h200_vit_pico28_*.json > /dev/null
 
 cd $W
