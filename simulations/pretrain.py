@@ -39,7 +39,7 @@ from torch import nn
 
 from fedmeld.server.report import atomic_write, hardware, versions
 from fedmeld.task.config import MEDMNIST_2D, PRECISIONS, ConfigError, RunConfig
-from fedmeld.task.data import TaskInfo, load_split, task_info
+from fedmeld.task.data import DataFileError, TaskInfo, load_split, task_info
 from fedmeld.task.engine import Inputs, _autocast, adamw, pick_device
 from fedmeld.task.fractal import FractalConfig, FractalImages
 from fedmeld.task.model import WeightsError, create_backbone
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
-    batches, classes, source_card = _source(args, device)
     try:
+        batches, classes, source_card = _source(args, device)
         model = _model(args, classes)
-    except (ConfigError, WeightsError) as err:
+    except (ConfigError, WeightsError, DataFileError) as err:
         print(f"fedmeld pretrain: {err}", file=sys.stderr)
         return 2
     model.to(device, memory_format=torch.channels_last) if device.type == "cuda" else model.to(device)
@@ -169,6 +169,16 @@ def main(argv: list[str] | None = None) -> int:
             "stored_in_chans": 3, "normalisation": NORMALISATION, "dtype": "bfloat16", "classifier": "left out",
             "date": datetime.now().isoformat(timespec="seconds"), "hardware": hardware(), "versions": versions(),
             "command": "fedmeld pretrain " + shlex.join(argv), "args": _jsonable(wanted)}
+    _write(model, args, card, card_path)
+    ckpt_path.unlink(missing_ok=True)
+    print(f"[pretrain] wrote {args.out} ({card['bytes'] / 2**20:.1f} MiB) and {card_path}: {state['step']} steps, "
+          f"{state['seen']:,} images in {state['elapsed']:.0f} s, last loss {state['loss']:.3f}", flush=True)
+    return 0
+
+
+def _write(model: nn.Module, args: argparse.Namespace, card: dict[str, Any], card_path: Path) -> None:
+    """The weights file (the card in its metadata too), then the card with the file's size and hash;
+    each written whole or not at all."""
     if args.init:
         init_card = Path(args.init).with_name(Path(args.init).name + ".json")
         card["init_card"] = json.loads(init_card.read_text()) if init_card.is_file() else None
@@ -177,10 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.chmod(0o644)  # safetensors writes 0600; the file is meant to be copied between machines
     card.update(bytes=args.out.stat().st_size, sha256=hashlib.sha256(args.out.read_bytes()).hexdigest())
     atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n"))
-    ckpt_path.unlink(missing_ok=True)
-    print(f"[pretrain] wrote {args.out} ({card['bytes'] / 2**20:.1f} MiB) and {card_path}: {state['step']} steps, "
-          f"{state['seen']:,} images in {state['elapsed']:.0f} s, last loss {state['loss']:.3f}", flush=True)
-    return 0
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
