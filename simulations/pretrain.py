@@ -41,14 +41,14 @@ from fedmeld.server.report import atomic_write, hardware, versions
 from fedmeld.task.config import MEDMNIST_2D, PRECISIONS, ConfigError, RunConfig
 from fedmeld.task.data import DataFileError, TaskInfo, load_split, task_info
 from fedmeld.task.engine import Inputs, _autocast, adamw, pick_device
-from fedmeld.task.fractal import FractalConfig, FractalImages
+from fedmeld.task.fractal import AUGMENTS, FractalConfig, FractalImages
 from fedmeld.task.model import WeightsError, create_backbone
 
 NORMALISATION = "x / 127.5 - 1 (MedMNIST's mean 0.5, std 0.5: pixels in [-1, 1]), as fedmeld's engine"
 Batches = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (step, batch size) -> images, labels
 # what defines the result: a checkpoint or a finished file made with other values is not continued
-TRAINING_ARGS = ("model", "model_args", "source", "resolution", "in_chans", "categories", "plain_fractals", "datasets", "target",
-                 "init", "seconds", "images", "batch_size", "lr", "weight_decay", "warmup", "label_smoothing",
+TRAINING_ARGS = ("model", "model_args", "source", "resolution", "in_chans", "categories", "fractal_augment", "datasets",
+                 "target", "init", "seconds", "images", "batch_size", "lr", "weight_decay", "warmup", "label_smoothing",
                  "seed", "precision")
 
 
@@ -73,9 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--in-chans", type=int, choices=(1, 3), default=1, help="channels trained on (fractals are "
                                                                                "grayscale; default 1)")
     parser.add_argument("--categories", type=int, default=1000, help="fractal: IFS categories (default 1000)")
-    parser.add_argument("--plain-fractals", action="store_true",
-                        help="fractal: no rotation, flip, zoom, shift or intensity augmentation (the map jitter "
-                             "stays): an easier task")
+    parser.add_argument("--fractal-augment", choices=AUGMENTS, default="light",
+                        help="fractal: what varies an instance besides its maps' jitter: none; light (default: "
+                             "flip, zoom, shift, point density); full (also rotation, blur, levels, inversion, "
+                             "noise: a harder task, learnt slower)")
     parser.add_argument("--datasets", default="retinamnist,pneumoniamnist",
                         help="medmnist: comma-separated flags whose train splits are learnt (28 px files)")
     parser.add_argument("--target", default="breastmnist", help="medmnist: the dataset the backbone is for; "
@@ -205,7 +206,7 @@ def _source(args: argparse.Namespace, device: torch.device) -> tuple[Batches, in
     """(batches, number of classes, what the card says about the data)."""
     if args.source == "fractal":
         cfg = FractalConfig(categories=args.categories, seed=args.seed, resolution=args.resolution,
-                            augment=not args.plain_fractals)
+                            augment=args.fractal_augment)
         images = FractalImages(cfg, device)
 
         def fractal(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,9 @@ rendered in batches on the training device (the chaos game: many points iterate 
 then land in a per-image histogram), so a GPU never waits for data.
 
 What makes the task hard enough to learn from: each instance jitters its category's map
-parameters (FractalDB's intra-category variation), and the rendering augments in point space (a
-rotation, a flip, a zoom and a shift) and in intensity (density, blur, contrast, inversion, noise).
+parameters (FractalDB's intra-category variation), and the rendering augments (``augment``): ``none``;
+``light``, a flip, a zoom, a shift and the point density; ``full``, a rotation too, and in intensity
+(blur, levels, inversion, noise).
 Images are grayscale in [-1, 1], the engine's normalisation (MedMNIST's mean 0.5, std 0.5).
 """
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 MAX_MAPS = 4
+AUGMENTS = ("none", "light", "full")
 _MIN_FILL, _MAX_FILL = 0.06, 0.6  # share of pixels a category's attractor covers at 32 px
 
 
@@ -35,12 +37,13 @@ class FractalConfig:
     steps: int = 48           # iterations; each adds every particle to the image after ``warmup``
     warmup: int = 12
     jitter: float = 0.1       # instance jitter: each map coefficient times U(1 - jitter, 1 + jitter)
-    augment: bool = True      # rotation, flip, zoom, shift, intensity (off: only the jitter varies)
+    augment: str = "light"    # AUGMENTS: none (only the jitter varies), light, full
 
     def __post_init__(self) -> None:
-        if self.categories < 2 or self.resolution < 8 or not 0 <= self.warmup < self.steps or self.particles < 1:
-            raise ValueError(f"FractalConfig needs categories >= 2, resolution >= 8, particles >= 1 and "
-                             f"0 <= warmup < steps; got {self}")
+        if self.categories < 2 or self.resolution < 8 or not 0 <= self.warmup < self.steps or self.particles < 1 \
+                or self.augment not in AUGMENTS:
+            raise ValueError(f"FractalConfig needs categories >= 2, resolution >= 8, particles >= 1, "
+                             f"0 <= warmup < steps and augment in {AUGMENTS}; got {self}")
 
 
 def ifs_categories(categories: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +54,7 @@ def ifs_categories(categories: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     kept_maps, kept_probs, found = [], [], 0
     while found < categories:
         maps, probs = _draw_systems(4 * (categories - found) + 8, gen)
-        fill = (render(maps, probs, FractalConfig(categories=2, resolution=32, jitter=0.0, augment=False),
+        fill = (render(maps, probs, FractalConfig(categories=2, resolution=32, jitter=0.0, augment="none"),
                        gen, torch.device("cpu")) > -1).float().mean((1, 2, 3))
         good = (fill > _MIN_FILL) & (fill < _MAX_FILL)
         kept_maps.append(maps[good])
@@ -120,10 +123,11 @@ def render(maps: torch.Tensor, probs: torch.Tensor, cfg: FractalConfig, gen: tor
 
 def _place(points: torch.Tensor, cfg: FractalConfig, rand) -> torch.Tensor:
     """Points centred and scaled into the unit square (pixel units of the image): the attractor's box
-    fills 80 % of the side; augmented, it is rotated, flipped, zoomed (x0.75-1.3) and shifted first."""
+    fills 80 % of the side; augmented, it is flipped (and under ``full`` rotated), zoomed (x0.75-1.3)
+    and shifted first."""
     b = points.shape[0]
-    if cfg.augment:
-        angle = rand(b) * 2 * math.pi
+    if cfg.augment != "none":
+        angle = rand(b) * 2 * math.pi if cfg.augment == "full" else torch.zeros(b, device=points.device)
         flip = torch.where(rand(b) < 0.5, -1.0, 1.0)
         rot = torch.stack([torch.stack([angle.cos() * flip, -angle.sin()], -1),
                            torch.stack([angle.sin() * flip, angle.cos()], -1)], -2)  # (B, 2, 2)
@@ -132,24 +136,25 @@ def _place(points: torch.Tensor, cfg: FractalConfig, rand) -> torch.Tensor:
     centre, extent = (low + high) / 2, (high - low).amax(-1, keepdim=True).clamp_min(1e-6)
     scale = 0.8 / extent
     offset = torch.full_like(centre, 0.5)
-    if cfg.augment:
+    if cfg.augment != "none":
         scale = scale * (0.75 + 0.55 * rand(b, 1, 1))
         offset = offset + 0.15 * (2 * rand(b, 1, 2) - 1)
     return ((points - centre) * scale + offset) * cfg.resolution
 
 
 def _raster(pixels: torch.Tensor, cfg: FractalConfig, rand) -> torch.Tensor:
-    """Point density as grayscale: hits per pixel over a per-image saturation count; augmented, with a
-    random blur, foreground/background levels (inverted half the time) and Gaussian noise."""
+    """Point density as grayscale: hits per pixel over a saturation count (random per image unless
+    ``none``); under ``full``, a random blur, foreground/background levels (inverted half the time) and
+    uniform noise."""
     b, r = pixels.shape[0], cfg.resolution
     ij = pixels.floor().long()
     inside = ((ij >= 0) & (ij < r)).all(-1)
     flat = (ij[..., 1] * r + ij[..., 0]).clamp_(0, r * r - 1)
     counts = torch.zeros(b, r * r, device=pixels.device).scatter_add_(1, flat, inside.float())
     image = counts.view(b, 1, r, r)
-    saturate = 1 + 3 * rand(b, 1, 1, 1) if cfg.augment else torch.ones(b, 1, 1, 1, device=pixels.device)
+    saturate = torch.ones(b, 1, 1, 1, device=pixels.device) if cfg.augment == "none" else 1 + 3 * rand(b, 1, 1, 1)
     image = (image / saturate).clamp_(max=1.0)
-    if not cfg.augment:
+    if cfg.augment != "full":
         return image * 2 - 1
     blurred = F.avg_pool2d(image, 3, stride=1, padding=1, count_include_pad=False)
     image = torch.where(rand(b, 1, 1, 1) < 0.5, blurred, image)

@@ -29,7 +29,7 @@ def test_categories_and_batches_are_fixed_by_the_seed():
 def test_a_linear_classifier_separates_the_categories():
     """10 categories, instances differing by FractalDB's map jitter: a linear model on the raw pixels
     of 30 images per category classifies 10 unseen ones per category far above chance (0.1)."""
-    cfg = FractalConfig(categories=10, seed=0, resolution=32, particles=128, steps=40, augment=False)
+    cfg = FractalConfig(categories=10, seed=0, resolution=32, particles=128, steps=40, augment="none")
     images = FractalImages(cfg, CPU)
     x, y = zip(*(images.batch(step, 100) for step in range(4)))
     x, y = torch.cat(x).flatten(1), torch.cat(y)
@@ -51,14 +51,14 @@ def test_a_linear_classifier_separates_the_categories():
 
 def test_instances_of_a_category_differ():
     """The jitter and the augmentation: two draws of one category are never the same image."""
-    cfg = FractalConfig(categories=2, seed=0, resolution=32, particles=64, steps=20, warmup=5)
-    images = FractalImages(cfg, CPU)
-    x, y = images.batch(0, 32)
-    same = x[y == y[0]]
-    assert len(same) >= 2 and (same[0] - same[1]).abs().mean() > 0.05
+    for augment in ("none", "light", "full"):
+        cfg = FractalConfig(categories=2, seed=0, resolution=32, particles=64, steps=20, warmup=5, augment=augment)
+        x, y = FractalImages(cfg, CPU).batch(0, 32)
+        same = x[y == y[0]]
+        assert len(same) >= 2 and (same[0] - same[1]).abs().mean() > 0.05
 
 
-@pytest.mark.parametrize("bad", [dict(categories=1), dict(resolution=4), dict(warmup=48)])
+@pytest.mark.parametrize("bad", [dict(categories=1), dict(resolution=4), dict(warmup=48), dict(augment="heavy")])
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError, match="FractalConfig needs"):
         FractalConfig(**bad)
