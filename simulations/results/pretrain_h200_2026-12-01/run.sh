@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # #19 on one H200 (16 cores), from the repo root:  bash simulations/results/pretrain_h200_2026-12-01/run.sh
 #  1. pretrains resnet18, convnext_atto and efficientnet_b0 at 64 px, one grayscale channel, at once on the
-#     GPU: fractal (1000 IFS categories, 170 s each), then fractal -> medmnist (RetinaMNIST + PneumoniaMNIST
-#     train splits, 30 s from the fractal file); meanwhile the transfer preset's random-init arms run;
+#     GPU: fractal (1000 IFS categories, light augmentation, 170 s each), then fractal -> medmnist
+#     (RetinaMNIST + PneumoniaMNIST train splits, 30 s from the fractal file); meanwhile the transfer
+#     preset's random-init arms run;
 #  2. the transfer preset's pretrained arms (BreastMNIST at 64 px, centralized, 30 epochs, val-AUC selection,
 #     3 seeds), then the whole preset's tables from every finished run;
 #  3. $OUT/pretrain_transfer.tgz: the sweep's results.md/csv, plots, configs, logs, every run's summary.json
@@ -26,7 +27,7 @@ MODELS="resnet18 convnext_atto efficientnet_b0"
 pretrain() {  # one model: fractal, then fractal -> medmnist
   local m=$1
   OMP_NUM_THREADS=3 $FM pretrain --model "$m" --source fractal --seconds 170 --resolution 64 --categories 1000 \
-    --batch-size 256 --lr 2e-3 --out "$P/fractal/$m.safetensors" > "$L/fractal_$m.log" 2>&1
+    --fractal-augment light --batch-size 256 --lr 2e-3 --out "$P/fractal/$m.safetensors" > "$L/fractal_$m.log" 2>&1
   OMP_NUM_THREADS=3 $FM pretrain --model "$m" --source medmnist --datasets retinamnist,pneumoniamnist \
     --target breastmnist --init "$P/fractal/$m.safetensors" --seconds 30 --resolution 64 --batch-size 256 --lr 1e-3 \
     --out "$P/fractal-med/$m.safetensors" > "$L/fractal-med_$m.log" 2>&1
