@@ -63,14 +63,7 @@ ls -la "$P"/*/; date -u
 timeout "$(left 530)" $FM sweep --grid "$W/pretrained.toml" --backend inprocess --jobs 14 --out "$S" \
   > "$L/sweep_pretrained.log" 2>&1
 echo "pretrained arms rc=$? at ${SECONDS} s"; wait $RANDOM_SWEEP; echo "random arms rc=$?"
-python3 -c '
-import sys, tomllib
-from pathlib import Path
-from fedmeld.simulations.sweep import PRESETS, collect, plan, write_reports
-out = Path(sys.argv[1])  # the whole preset, tabled from every run that finished (none is started)
-rows = collect(plan(tomllib.loads((PRESETS / "transfer.toml").read_text()), out), out)
-write_reports(rows, out, "Sweep transfer (H200)")
-print(f"{len(rows)} of 90 runs in the tables")' "$S"
+$FM sweep --preset transfer --out "$S" --report-only  # the whole preset, from every run that finished
 date -u
 cd "$W" && tar czf "$OUT/pretrain_transfer.tgz" transfer/results.* transfer/*.png transfer/configs transfer/logs \
   transfer/runs/*/summary.json transfer/runs/*/metrics.jsonl pretrained/*/*.json logs ./*.toml
