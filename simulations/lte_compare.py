@@ -93,9 +93,11 @@ def write_grid(grid: dict[str, Any], path: Path) -> None:
 
 
 def curve(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """Test ACC/AUC after each round against the training samples seen so far (round 0: the init)."""
-    points = [{"round": 0, "samples_seen": 0, "test_accuracy": run.get("initial_test_accuracy"),
-               "test_auc": run.get("initial_test_auc")}]
+    """Test ACC/AUC after each round against the training samples seen so far (round 0: the init,
+    when the run evaluated it)."""
+    points = [] if run.get("initial_test_accuracy") is None else [
+        {"round": 0, "samples_seen": 0, "test_accuracy": run["initial_test_accuracy"],
+         "test_auc": run.get("initial_test_auc")}]
     seen = 0
     for r in run["rounds"]:
         seen += int(r["samples_seen"])

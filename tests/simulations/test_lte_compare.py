@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from fedmeld.simulations import sweep
 from fedmeld.simulations.lte_compare import (JSON_KEYS, PRESETS, ROW_KEYS, compare, config_labels, load_grid, main,
-                                             summarize)
+                                             summarize, write_grid)
 from fedmeld.task.config import ConfigError
 
 
@@ -18,8 +19,11 @@ def small_run(tmp_path_factory, subsets_root) -> tuple[dict, Path]:
     (the --small grid cut to 2 runs: each run is a process of its own; the federated rows' arithmetic
     is test_targets_follow_the_issue's)."""
     out = tmp_path_factory.mktemp("lte_compare")
-    results = compare(PRESETS["small"], out, ["full", "lte"], ["central"], jobs=2,
-                      overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
+    grid = load_grid(PRESETS["small"], ["full", "lte"], ["central"])
+    lte = grid["axis"]["method"][1]
+    lte.update(lr=0.003, **{"lte-reset-moments": False})  # central LTE's pace: 1e-2 with resets is slower to start
+    write_grid(grid, out / "small.toml")
+    results = compare(out / "small.toml", out, jobs=2, overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
     return results, out
 
 
@@ -53,8 +57,7 @@ def test_outputs_have_documented_keys(small_run):
 
 def test_a_second_call_resumes_and_trains_nothing(small_run, subsets_root, capsys):
     results, out = small_run
-    again = compare(PRESETS["small"], out, ["full", "lte"], ["central"],
-                    overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
+    again = compare(out / "small.toml", out, overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
     assert capsys.readouterr().out.count("done before, skipped") == 2
     assert again["rows"] == results["rows"]
 
@@ -83,6 +86,13 @@ def test_targets_follow_the_issue():
     assert skew["met"] is None  # federated full stays at the majority rate: nothing to match
     runs[4]["selected_test_accuracy"] = 0.70
     assert summarize(runs, labels)["targets"][1]["met"] is False
+
+
+def test_presets_plan(tmp_path):
+    """Every run of both grids and of the H200 exploration is a valid run config."""
+    explore = Path(__file__).parents[2] / "simulations/results/lte_h200_2026-12-01/explore.toml"
+    counts = [len(sweep.plan(load_grid(p), tmp_path)) for p in (PRESETS["small"], PRESETS["gpu"], explore)]
+    assert counts == [12, 36, 27]
 
 
 def test_bad_grids_and_labels_are_refused(tmp_path):

@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/fm:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; date -u
 cd /tmp  # not the repo root: its peft/ would shadow HF peft
 case $MODE in
-  explore) GRID=$HERE/explore.toml; LIMIT=200 ;;
+  explore) GRID=$HERE/explore.toml; LIMIT=210 ;;
   final)   GRID=$R/simulations/presets/lte.toml; LIMIT=330
            if [ -n "$LABEL" ]; then
              GRID=/dev/shm/lte-final.toml
@@ -33,7 +33,7 @@ PY
 esac
 O=/dev/shm/lte-$MODE
 # the sweep under a time limit (what finished is kept), then the table from the runs that finished
-timeout $LIMIT python3 -m fedmeld.simulations.cli lte-compare --grid "$GRID" --jobs 12 --out $O > $O.log 2>&1
+timeout $LIMIT python3 -m fedmeld.simulations.cli lte-compare --grid "$GRID" --jobs 14 --out $O > $O.log 2>&1
 echo "lte-compare rc=$?"; date -u
 python3 -m fedmeld.simulations.cli lte-compare --grid "$GRID" --out $O --collect-only >> $O.log 2>&1
 grep -E "round 1/|finished|FAILED" $O.log | tail -4
