@@ -51,8 +51,9 @@ ROW_KEYS = ("method", "setting", "config", "seeds", "num_clients", *(f"{s}_{k}" 
 
 
 def load_grid(path: Path, methods: list[str] | None = None, settings: list[str] | None = None,
-              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The grid file, cut to the named methods and settings, ``overrides`` added to its base."""
+              overrides: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The grid file, cut to the named methods and settings; its base between ``defaults`` (which the
+    file's keys replace) and ``overrides`` (which replace the file's)."""
     grid = tomllib.loads(path.read_text())
     axes = grid.get("axis", {})
     if set(axes) != {"method", "setting"} or "grid" in grid:
@@ -67,7 +68,7 @@ def load_grid(path: Path, methods: list[str] | None = None, settings: list[str] 
         if unknown:
             raise ConfigError(f"unknown {axis}(s) {', '.join(unknown)}; {path.name} has {', '.join(labels)}")
         cut[axis] = [t for t in axes[axis] if not wanted or t["label"] in wanted]
-    return {**grid, "base": {**grid.get("base", {}), **(overrides or {})}, "axis": cut}
+    return {**grid, "base": {**(defaults or {}), **grid.get("base", {}), **(overrides or {})}, "axis": cut}
 
 
 def config_labels(grid: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -232,10 +233,11 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def compare(grid_file: Path, out: Path, methods: list[str] | None = None, settings: list[str] | None = None,
             seeds: list[int] | None = None, jobs: int = 1, backend: str = "inprocess",
-            overrides: dict[str, Any] | None = None, train: bool = True) -> dict[str, Any]:
+            overrides: dict[str, Any] | None = None, train: bool = True,
+            defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep of the cut grid, then write the comparison of the runs that finished
     (``train=False``: only the comparison, e.g. after a sweep cut off by a time limit)."""
-    grid = load_grid(grid_file, methods, settings, overrides)
+    grid = load_grid(grid_file, methods, settings, overrides, defaults)
     out = out.resolve()
     sweep.plan(grid, out, seeds)  # refuse bad settings before anything trains
     if train:
@@ -284,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
                         help="simulation backend of every run (default: %(default)s)")
     parser.add_argument("--data-root", default=None,
-                        help="folder holding <dataset>.npz (the run-config key data-root); default: $MEDMNIST_ROOT, "
-                             "else /work/shared/data/medmnist-subsets when it exists")
+                        help="folder holding <dataset>.npz (the run-config key data-root); default: the grid "
+                             "file's data-root, else $MEDMNIST_ROOT, else /work/shared/data/medmnist-subsets when it "
+                             "exists")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                         help="run-config override for every run, e.g. --set num-server-rounds=2 (repeatable)")
     parser.add_argument("--collect-only", action="store_true",
@@ -302,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in split(args.seeds)] if args.seeds else None
     except (ConfigError, ValueError) as err:
         parser.error(f"--set / --seeds: {err}")
-    data_root = args.data_root or os.environ.get("MEDMNIST_ROOT") or (
+    if args.data_root and "data-root" not in overrides:
+        overrides["data-root"] = args.data_root
+    fallback = os.environ.get("MEDMNIST_ROOT") or (
         "/work/shared/data/medmnist-subsets" if Path("/work/shared/data/medmnist-subsets").is_dir() else "")
-    if data_root and "data-root" not in overrides:
-        overrides["data-root"] = data_root
+    defaults = {"data-root": fallback} if fallback else {}  # a grid file's data-root wins over these
     threads = args.threads if args.threads is not None else (1 if args.grid == PRESETS["small"] else 0)
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -313,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no grid file {args.grid}")
     try:
         results = compare(args.grid, args.out, split(args.methods), split(args.settings), seeds, args.jobs,
-                          args.backend, overrides, train=not args.collect_only)
+                          args.backend, overrides, train=not args.collect_only, defaults=defaults)
     except ConfigError as err:
         parser.error(str(err))
+    except RuntimeError as err:  # nothing finished: no table to write
+        parser.exit(1, f"fedmeld lte-compare: {err}\n")
     if results["unfinished_runs"]:
         print(f"[lte_compare] not finished: {', '.join(results['unfinished_runs'])}", flush=True)
     return 1 if results["unfinished_runs"] else 0

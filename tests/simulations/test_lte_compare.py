@@ -104,3 +104,11 @@ def test_bad_grids_and_labels_are_refused(tmp_path):
         load_grid(other)
     with pytest.raises(SystemExit):
         main(["--settings", "central,bogus", "--out", str(tmp_path / "out")])
+
+
+def test_a_grid_files_data_root_wins_over_the_default(tmp_path):
+    """$MEDMNIST_ROOT is a default: a grid that names its data-root keeps it; --set/--data-root replace it."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[base]\ndata-root = "/a"\n[[axis.method]]\nlabel = "m"\n[[axis.setting]]\nlabel = "s"\n')
+    assert load_grid(grid, defaults={"data-root": "/b"})["base"] == {"data-root": "/a"}
+    assert load_grid(grid, overrides={"data-root": "/c"}, defaults={"data-root": "/b"})["base"] == {"data-root": "/c"}

@@ -33,10 +33,11 @@ PY
 esac
 O=/dev/shm/lte-$MODE
 # the sweep under a time limit (what finished is kept), then the table from the runs that finished
-timeout $LIMIT python3 -m fedmeld.simulations.cli lte-compare --grid "$GRID" --jobs 14 --out $O > $O.log 2>&1
-echo "lte-compare rc=$?"; date -u
+# (progress: one line per finished run; everything in $O.log)
+timeout $LIMIT python3 -m fedmeld.simulations.cli lte-compare --grid "$GRID" --jobs 14 --out $O 2>&1 | tee $O.log \
+  | grep --line-buffered -E "finished [0-9]+ rounds|FAILED|runs finished"
+echo "lte-compare rc=${PIPESTATUS[0]}"; date -u
 python3 -m fedmeld.simulations.cli lte-compare --grid "$GRID" --out $O --collect-only >> $O.log 2>&1
-grep -E "round 1/|finished|FAILED" $O.log | tail -4
-cd $O && tar czf "$OUT/lte-$MODE.tgz" lte_compare.* results.* grid.toml *.png runs/*/summary.json runs/*/metrics.jsonl \
+cd $O && tar czf "$OUT/lte-$MODE.tgz" lte_compare.* results.* grid.toml accuracy_*.png runs/*/summary.json runs/*/metrics.jsonl \
   configs logs $O.log 2>/dev/null
 cat lte_compare.md; tail -3 $O.log; date -u
