@@ -9,7 +9,7 @@ import pytest
 
 from fedmeld.simulations import sweep
 from fedmeld.simulations.lte_compare import (JSON_KEYS, PRESETS, ROW_KEYS, compare, config_labels, load_grid, main,
-                                             summarize, write_grid)
+                                             summarize)
 from fedmeld.task.config import ConfigError
 
 
@@ -19,11 +19,8 @@ def small_run(tmp_path_factory, subsets_root) -> tuple[dict, Path]:
     (the --small grid cut to 2 runs: each run is a process of its own; the federated rows' arithmetic
     is test_targets_follow_the_issue's)."""
     out = tmp_path_factory.mktemp("lte_compare")
-    grid = load_grid(PRESETS["small"], ["full", "lte"], ["central"])
-    lte = grid["axis"]["method"][1]
-    lte.update(lr=0.003, **{"lte-reset-moments": False})  # central LTE's pace: 1e-2 with resets is slower to start
-    write_grid(grid, out / "small.toml")
-    results = compare(out / "small.toml", out, jobs=2, overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
+    results = compare(PRESETS["small"], out, ["full", "lte"], ["central"], jobs=2,
+                      overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
     return results, out
 
 
@@ -57,7 +54,8 @@ def test_outputs_have_documented_keys(small_run):
 
 def test_a_second_call_resumes_and_trains_nothing(small_run, subsets_root, capsys):
     results, out = small_run
-    again = compare(out / "small.toml", out, overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
+    again = compare(PRESETS["small"], out, ["full", "lte"], ["central"],
+                    overrides={"data-root": str(subsets_root), "num-server-rounds": 2})
     assert capsys.readouterr().out.count("done before, skipped") == 2
     assert again["rows"] == results["rows"]
 
