@@ -78,7 +78,7 @@ def test_targets_follow_the_issue():
            [run("full_dir0.5", 0, 0.625, 0.6, 100.0), run("lte_dir0.5", 0, 0.625, 0.5, 10.0)]
     out = summarize(runs, labels)
     iid, skew = out["targets"]
-    assert (iid["setting"], iid["met"], iid["bytes_ratio"]) == ("iid", True, 0.1)
+    assert (iid["method"], iid["setting"], iid["met"], iid["bytes_ratio"]) == ("lte", "iid", True, 0.1)
     assert iid["acc_gap_points"] == pytest.approx(-1.0)
     assert out["rows"][0]["selected_test_accuracy_std"] == pytest.approx(0.00707, abs=1e-4)
     assert skew["met"] is None  # federated full stays at the majority rate: nothing to match
