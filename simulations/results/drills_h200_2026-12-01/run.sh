@@ -11,7 +11,8 @@
 # DRILL_WEIGHTS: a ResNet-18 backbone file (weights=FILE, e.g. from `fedmeld pretrain`); DP_WEIGHTS: one
 # for the dp preset's model (vit_pico_patch4_28). Either may be omitted (or given as ""): random init.
 # Writes $OUT/drills_dp_h200.tgz (tables, every run's summary.json and metrics.jsonl, configs, logs)
-# and $OUT/tables.md (the drill table, the DP table, the bench JSON).
+# and $OUT/tables.md (the drill table, the DP table, the bench JSON). Environment: DRILL_S, DRILL_JOBS (16),
+# DRILL_SET (more run keys for the drills, e.g. input-size=64 for a 64 px backbone), DP_S (0: no DP part), DP_ROUNDS.
 set -u
 R=$PWD
 DRILL_WEIGHTS=${1:+$(realpath "$1")}  # absolute: the sweeps run from /tmp
@@ -21,9 +22,11 @@ DP_S=${DP_S:-140}
 DP_ROUNDS=${DP_ROUNDS:-8}
 HERE=$R/simulations/results/drills_h200_2026-12-01
 W=/dev/shm/fm16
-source .device/env.sh
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/fm . >/dev/null 2>&1 \
-  || echo "install failed"
+if [ -z "${FEDMELD_DEVICE_READY:-}" ]; then  # set by a caller that installed already (two scripts at once)
+  source .device/env.sh
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/fm . >/dev/null 2>&1 \
+    || echo "install failed"
+fi
 export PYTHONPATH=/tmp/fm:$PYTHONPATH
 mkdir -p $W
 cd /tmp  # not the repo root: its peft/ would shadow Hugging Face's
@@ -43,28 +46,30 @@ progress() {  # DIR TOTAL: finished runs every 30 s, until killed
 
 echo "== drills (weights: ${DRILL_WEIGHTS:-random init})"
 progress $W/drills 240 & P=$!
-SET=${DRILL_WEIGHTS:+weights=$DRILL_WEIGHTS}
-bounded $DRILL_S python3 -m fedmeld.simulations.cli sweep --preset drills --backend inprocess --jobs 16 --out $W/drills \
+SET="${DRILL_WEIGHTS:+weights=$DRILL_WEIGHTS} ${DRILL_SET:-}"  # DRILL_SET: more key=value pairs, e.g. input-size=64
+bounded $DRILL_S python3 -m fedmeld.simulations.cli sweep --preset drills --backend inprocess --jobs ${DRILL_JOBS:-16} --out $W/drills \
   ${SET:+--set $SET} > $W/drills.log 2>&1
 echo "drills sweep rc=$?"; kill $P; date -u
 python3 -m fedmeld.simulations.cli sweep --preset drills --out $W/drills --report-only ${SET:+--set $SET}
 python3 $HERE/drill_table.py $W/drills > $W/drills/drill_table.md
 cat $W/drills/drill_table.md
 
-echo "== dp_bench"
-for peft in lora norm; do
-  bounded 60 python3 -m fedmeld.simulations.dp_bench --model vit_pico_patch4_28 --image-size 28 --batch 32 --batches 20 \
-    --repeats 3 --peft $peft --out $W/dp_step_h200_vit_pico28_$peft.json > $W/dp_bench_$peft.log 2>&1 || tail -3 $W/dp_bench_$peft.log
-done
+if [ "$DP_S" -gt 0 ]; then  # DP_S=0: the drills only
+  echo "== dp_bench"
+  for peft in lora norm; do
+    bounded 60 python3 -m fedmeld.simulations.dp_bench --model vit_pico_patch4_28 --image-size 28 --batch 32 --batches 20 \
+      --repeats 3 --peft $peft --out $W/dp_step_h200_vit_pico28_$peft.json > $W/dp_bench_$peft.log 2>&1 || tail -3 $W/dp_bench_$peft.log
+  done
 
-echo "== dp table (weights: ${DP_WEIGHTS:-random init})"
-progress $W/dp 16 & P=$!
-SET="device=auto num-server-rounds=$DP_ROUNDS local-epochs=2 ${DP_WEIGHTS:+weights=$DP_WEIGHTS}"
-bounded $DP_S python3 -m fedmeld.simulations.cli sweep --preset dp --backend inprocess --jobs 16 --out $W/dp \
-  --set $SET > $W/dp.log 2>&1
-echo "dp sweep rc=$?"; kill $P; date -u
-python3 -m fedmeld.simulations.cli sweep --preset dp --out $W/dp --report-only --set $SET
-python3 -m fedmeld.simulations.dp_table $W/dp $W/dp_step_h200_vit_pico28_*.json > /dev/null
+  echo "== dp table (weights: ${DP_WEIGHTS:-random init})"
+  progress $W/dp 16 & P=$!
+  SET="device=auto num-server-rounds=$DP_ROUNDS local-epochs=2 ${DP_WEIGHTS:+weights=$DP_WEIGHTS}"
+  bounded $DP_S python3 -m fedmeld.simulations.cli sweep --preset dp --backend inprocess --jobs 16 --out $W/dp \
+    --set $SET > $W/dp.log 2>&1
+  echo "dp sweep rc=$?"; kill $P; date -u
+  python3 -m fedmeld.simulations.cli sweep --preset dp --out $W/dp --report-only --set $SET
+  python3 -m fedmeld.simulations.dp_table $W/dp $W/dp_step_h200_vit_pico28_*.json > /dev/null
+fi
 
 cd $W
 { echo "# drills"; cat drills/drill_table.md; echo "# dp"; cat dp/dp_table.md; echo "# dp_bench"; cat dp_step_*.json; } \

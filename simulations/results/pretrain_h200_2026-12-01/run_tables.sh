@@ -11,9 +11,11 @@
 set -u
 R=$PWD
 [ $# -ge 1 ] || { echo "usage: bash $0 WEIGHTS_DIR | SOURCE.tar.part-aa [SOURCE.tar.part-ab ...]" >&2; exit 2; }
-source .device/env.sh
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/fm . >/dev/null 2>&1 \
-  || echo "install failed"
+if [ -z "${FEDMELD_DEVICE_READY:-}" ]; then  # set by a caller that installed already (two scripts at once)
+  source .device/env.sh
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/fm . >/dev/null 2>&1 \
+    || echo "install failed"
+fi
 export PYTHONPATH=/tmp/fm:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date -u
 W=/dev/shm/tables; mkdir -p "$W/weights"
@@ -42,6 +44,12 @@ done
 alive() { local p; for p in $PIDS; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 while alive; do sleep 30; echo "--- ${SECONDS} s: runs finished: $(ls "$W"/*/runs/*/summary.json 2>/dev/null | wc -l) of 104"; done
 wait $PIDS
+for preset in seed-table aggregation; do  # the tables of every finished run, also of a sweep that was cut
+  for from in "$SOURCE" random; do
+    weights=$([ "$from" = random ] && echo "" || echo "$D")
+    $FM sweep --preset $preset --out "$W/$preset-$from" --report-only --set input-size=64 "weights=\"$weights\"" | tail -1
+  done
+done
 date -u
 cp "$D"/*.json "$W/" 2>/dev/null
 cd "$W" && tar czf "$OUT/tables.tgz" ./*.log ./*.json */results.* */*.png */configs */logs */runs/*/summary.json \
