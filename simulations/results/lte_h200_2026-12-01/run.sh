@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; date
 cd /tmp  # not the repo root: its peft/ would shadow HF peft
 case $MODE in
   explore) GRID=$HERE/explore.toml; LIMIT=210 ;;
-  final)   GRID=$R/simulations/presets/lte.toml; LIMIT=330
+  final)   GRID=$R/simulations/presets/lte.toml; LIMIT=${LIMIT:-330}
            if [ -n "$LABEL" ]; then
              GRID=/dev/shm/lte-final.toml
              python3 - "$R/simulations/presets/lte.toml" "$HERE/explore.toml" "$LABEL" "$GRID" <<'PY' || exit 1
