@@ -195,12 +195,24 @@ def train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_s
                       precision=precision, compile_mode=compile_mode)
 
 
+def place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """``model`` on ``device``; with ``channels_last`` its 4-D parameters (conv kernels) in that layout.
+    Not ``model.to(memory_format=...)``: it also converts 5-D tensors, and refuses LTE's per-head conv
+    factors (H, r, C, kh, kw)."""
+    model.to(device)
+    if channels_last:
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def _train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_size: int, lr: float,
            weight_decay: float, device: torch.device, seed: int, inputs: Inputs, prox_mu: float,
            optimizer: torch.optim.Optimizer | None, lr_at: Callable[[int], float] | None,
            precision: str, compile_mode: str) -> dict[str, float]:
     cuda = device.type == "cuda"
-    (model.to(device, memory_format=torch.channels_last) if cuda else model.to(device)).train()
+    place(model, device, channels_last=cuda).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if prox_mu else []
     opt = optimizer or adamw(params, lr, weight_decay)

@@ -12,7 +12,7 @@ from medmnist import Evaluator
 from fedmeld.peft import adapter_state
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import load_split, task_info
-from fedmeld.task.engine import Inputs, medmnist_acc, medmnist_auc, pick_device, train
+from fedmeld.task.engine import Inputs, medmnist_acc, medmnist_auc, pick_device, place, train
 from fedmeld.task.model import build_model
 
 
@@ -123,3 +123,20 @@ def test_auc_of_a_diverged_model_is_nan_not_an_error(medmnist_root):
     labels = load_split("breastmnist", "test", data_root=str(medmnist_root)).labels.numpy()
     scores = np.full((len(labels), info.num_classes), np.nan)
     assert math.isnan(medmnist_auc(labels, scores, info))
+
+
+def test_channels_last_placement_keeps_lte_conv_heads_and_the_outputs():
+    """On CUDA the client's loop puts conv kernels channels_last; LTE's per-head conv factors are 5-D,
+    which ``model.to(memory_format=torch.channels_last)`` refuses (every LTE client failed on the GPU)."""
+    cfg = RunConfig.from_mapping({"model": "vit_pico_patch4_28", "peft": "lte", "lte-heads": 2, "lora-rank": 2})
+    model = build_model(cfg, task_info("breastmnist")).train()
+    factors = model.patch_embed.proj.lora_A  # (heads, rank, C, kh, kw)
+    assert factors.dim() == 5
+    with pytest.raises(RuntimeError, match="channels_last"):
+        build_model(cfg, task_info("breastmnist")).to(memory_format=torch.channels_last)
+    x = torch.randn(4, model.patch_embed.proj.in_channels, 28, 28)
+    expected = model(x)
+    place(model, torch.device("cpu"), channels_last=True)
+    assert model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.patch_embed.proj.lora_A is factors and factors.is_contiguous()
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected)
