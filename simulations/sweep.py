@@ -58,17 +58,19 @@ REPORT_EVERY = 30.0  # seconds between rewrites of the tables while a sweep runs
 
 def expand(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(name, run-config overrides) of every run of a grid file, in a stable order. A name joins
-    the values of the grid keys and the ``label`` of each axis table, for axes with several entries."""
+    the values of the grid keys that have several and the ``label`` of every axis table, so a grid
+    cut to one method (``fedmeld lte-compare --methods lte``) names its runs as the whole grid does."""
     unknown = set(grid) - {"base", "grid", "axis", "sweep"}
     if unknown:
         raise ConfigError(f"unknown grid section(s) {sorted(unknown)}; valid: base, grid, axis, sweep")
-    axes = [[(str(value), {key: value}) for value in values] for key, values in grid.get("grid", {}).items()]
+    axes = [(len(values) > 1, [(str(value), {key: value}) for value in values])
+            for key, values in grid.get("grid", {}).items()]
     for axis_name, tables in grid.get("axis", {}).items():
-        axes.append([(t.get("label") or f"{axis_name}{i}", {k: v for k, v in t.items() if k != "label"})
-                     for i, t in enumerate(tables)])
+        axes.append((True, [(t.get("label") or f"{axis_name}{i}", {k: v for k, v in t.items() if k != "label"})
+                            for i, t in enumerate(tables)]))
     runs = []
-    for combo in itertools.product(*axes):
-        name = "_".join(label for (label, _), axis in zip(combo, axes) if len(axis) > 1) or "run"
+    for combo in itertools.product(*(entries for _, entries in axes)):
+        name = "_".join(label for (label, _), (named, _) in zip(combo, axes) if named) or "run"
         runs.append((re.sub(r"[^A-Za-z0-9=._+-]", "-", name),
                      {**grid.get("base", {}), **{k: v for _, part in combo for k, v in part.items()}}))
     return runs

@@ -18,6 +18,8 @@ def test_grid_expands_to_the_product_of_its_axes(tmp_path):
     runs = dict(expand(grid))
     assert list(runs) == ["lora_iid", "lora_skew", "norm_iid", "norm_skew"]
     assert runs["norm_skew"] == {"num-server-rounds": 2, "peft": "norm", "partition": "dirichlet", "dirichlet-alpha": 0.1}
+    cut = {**grid, "grid": {"peft": ["norm"]}, "axis": {"split": grid["axis"]["split"][1:]}}  # one entry each
+    assert [name for name, _ in expand(cut)] == ["skew"]  # a named axis names its runs, however few entries
 
 
 def test_a_bad_run_in_the_grid_is_refused_before_anything_runs(tmp_path):
