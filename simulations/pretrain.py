@@ -14,7 +14,9 @@ for 1-channel data and it sees an RGB image's mean), and a JSON card beside it (
 steps, images seen, resolution, normalisation, date, hardware, the command). A checkpoint
 (``FILE.ckpt.pt``) is written every ``--checkpoint-every`` seconds: the same command, run again,
 continues where it stopped (the budget counts the seconds already spent); once the file exists it
-says so and does nothing.
+says so and does nothing. The clock starts after each process's first step: that step's warm-up
+(cuDNN autotuning, lazy CUDA initialisation, the first transfers; 30 s on a busy H200 host) is timed
+apart, in the card's ``warmup_seconds``, so a short ``--seconds`` budget still trains.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors",
                         help="the weights file to write (its card: FILE.json, its checkpoint: FILE.ckpt.pt); "
                              "for weights=DIR name it DIR/<model>.safetensors")
-    parser.add_argument("--seconds", type=float, default=0.0, help="training budget in seconds (over every resume)")
+    parser.add_argument("--seconds", type=float, default=0.0, help="training budget in seconds (over every resume; "
+                        "the clock starts after the first step, whose warm-up is reported apart)")
     parser.add_argument("--images", type=int, default=0, help="training budget in images; with --seconds, the "
                                                               "first reached ends the run")
     parser.add_argument("--resolution", type=int, default=64, help="input side in px: the input-size of the runs "
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device, memory_format=torch.channels_last) if device.type == "cuda" else model.to(device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     opt = adamw(list(model.parameters()), args.lr, args.weight_decay)
-    state = {"step": 0, "seen": 0, "elapsed": 0.0, "loss": math.nan, "accuracy": math.nan}
+    state = {"step": 0, "seen": 0, "elapsed": 0.0, "warmup": 0.0, "loss": math.nan, "accuracy": math.nan}
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["args"] != _jsonable(wanted):
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
+        state = {"warmup": 0.0, **ckpt["state"]}  # a checkpoint from before warm-up was timed apart
         print(f"[pretrain] resuming from {ckpt_path}: step {state['step']}, {state['seen']:,} images, "
               f"{state['elapsed']:.0f} s", flush=True)
     else:
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     _train(model, opt, batches, args, device, state, checkpoint)
     card = {"file": args.out.name, "model": args.model, "model_args": args.model_args, "source": args.source,
             **source_card, "classes": classes, "steps": state["step"], "images_seen": state["seen"],
-            "seconds": round(state["elapsed"], 1), "final_train_loss": state["loss"],
+            "seconds": round(state["elapsed"], 1), "warmup_seconds": round(state["warmup"], 1),
+            "final_train_loss": state["loss"],
             "final_train_accuracy": state["accuracy"], "resolution": args.resolution, "in_chans": args.in_chans,
             "stored_in_chans": 3, "normalisation": NORMALISATION, "dtype": "bfloat16", "classifier": "left out",
             "date": datetime.now().isoformat(timespec="seconds"), "hardware": hardware(), "versions": versions(),
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     _write(model, args, card, card_path)
     ckpt_path.unlink(missing_ok=True)
     print(f"[pretrain] wrote {args.out} ({card['bytes'] / 2**20:.1f} MiB) and {card_path}: {state['step']} steps, "
-          f"{state['seen']:,} images in {state['elapsed']:.0f} s, last loss {state['loss']:.3f}", flush=True)
+          f"{state['seen']:,} images in {state['elapsed']:.0f} s (+ {state['warmup']:.1f} s of warm-up), "
+          f"last loss {state['loss']:.3f}", flush=True)
     return 0
 
 
@@ -240,9 +245,13 @@ def _source(args: argparse.Namespace, device: torch.device) -> tuple[Batches, in
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, batches: Batches, args: argparse.Namespace,
            device: torch.device, state: dict[str, Any], checkpoint: Callable[[], None]) -> None:
-    """Steps until the budget is spent; the device is waited for only at a progress line or checkpoint."""
+    """Steps until the budget is spent; the device is waited for only at a progress line or checkpoint,
+    and once after this process's first step, whose time goes to ``state["warmup"]``, not the budget."""
     model.train()
-    began, last_log, last_ckpt = time.perf_counter() - state["elapsed"], time.perf_counter(), time.perf_counter()
+    started = time.perf_counter()
+    began: float | None = None  # when the budget's clock (re)started, less the seconds spent before a resume
+    last_log = last_ckpt = started
+    logged_seen = state["seen"]  # images seen at the last progress line (or at the warm-up's end): the rate's base
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     window = 0
@@ -271,16 +280,24 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, batches: Batches, args:
         window += len(y)
         state["step"] += 1
         state["seen"] += len(y)
+        if began is None:  # the first step: the clock starts once it has really finished
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            last_log = last_ckpt = time.perf_counter()
+            state["warmup"] += last_log - started
+            began, logged_seen = last_log - state["elapsed"], state["seen"]
+            print(f"[pretrain] first step (warm-up, outside the budget): {last_log - started:.1f} s", flush=True)
         now = time.perf_counter()
         state["elapsed"] = now - began
         if now - last_log >= args.log_every or progress() >= 1:
             state["loss"], state["accuracy"] = loss_sum.item() / window, correct.item() / window
+            rate = (state["seen"] - logged_seen) / max(now - last_log, 1e-9)
             print(f"[pretrain] {100 * min(progress(), 1):3.0f}%  {state['elapsed']:5.0f} s  step {state['step']}  "
-                  f"{state['seen']:,} images ({window / (now - last_log):,.0f}/s)  loss {state['loss']:.3f}  "
+                  f"{state['seen']:,} images ({rate:,.0f}/s)  loss {state['loss']:.3f}  "
                   f"train acc {state['accuracy']:.3f}  lr {lr:.2e}", flush=True)
             loss_sum.zero_()
             correct.zero_()
-            window, last_log = 0, time.perf_counter()
+            window, last_log, logged_seen = 0, time.perf_counter(), state["seen"]
         if now - last_ckpt >= args.checkpoint_every:
             checkpoint()
             last_ckpt = time.perf_counter()

@@ -5,6 +5,7 @@ same weights, and a target among the pretraining datasets is refused."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -86,3 +87,23 @@ def test_medmnist_source_learns_other_datasets_and_refuses_the_target(tmp_path, 
     assert pretrain.main([*common, "--datasets", "retinamnist"]) == 0
     card = json.loads((tmp_path / "m.safetensors.json").read_text())
     assert card["classes"] == 5 and card["medmnist"]["datasets"] == ["retinamnist"]
+
+
+def test_the_first_steps_warm_up_does_not_eat_a_seconds_budget(tmp_path, monkeypatch):
+    """A first step slower than the whole budget (cuDNN autotuning on a busy host: 30 s of a 30 s
+    stage on the H200) is timed apart, and the budget's seconds still train."""
+    real = FractalImages.batch
+
+    def slow_first_step(self, step, size):
+        if step == 0:
+            time.sleep(1.0)
+        return real(self, step, size)
+
+    monkeypatch.setattr(FractalImages, "batch", slow_first_step)
+    out = tmp_path / "warm.safetensors"
+    budget = ["--seconds", "0.5", "--source", "fractal", "--resolution", "32", "--categories", "4", "--batch-size",
+              "8", "--log-every", "1000"]
+    assert pretrain.main(["--model", "resnet10t", *budget, "--out", str(out)]) == 0
+    card = json.loads(out.with_name(out.name + ".json").read_text())
+    assert card["steps"] > 2  # before: the first step spent the budget, and the stage ended after it
+    assert card["warmup_seconds"] >= 1.0 and 0.5 <= card["seconds"] < 1.0
