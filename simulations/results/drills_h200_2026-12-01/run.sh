@@ -13,6 +13,9 @@
 # Writes $OUT/drills_dp_h200.tgz (tables, every run's summary.json and metrics.jsonl, configs, logs)
 # and $OUT/tables.md (the drill table, the DP table, the bench JSON). Environment: DRILL_S, DRILL_JOBS (16),
 # DRILL_SET (more run keys for the drills, e.g. input-size=64 for a 64 px backbone), DP_S (0: no DP part), DP_ROUNDS.
+# DRILL_FROM: a drills sweep folder with runs/ (e.g. this folder's sweep/ from an earlier, cut call): its
+# finished runs are copied in first and the sweep skips those whose config is the same (same weights path
+# and DRILL_SET), so a second call continues where the first was cut.
 set -u
 R=$PWD
 DRILL_WEIGHTS=${1:+$(realpath "$1")}  # absolute: the sweeps run from /tmp
@@ -28,7 +31,11 @@ if [ -z "${FEDMELD_DEVICE_READY:-}" ]; then  # set by a caller that installed al
     || echo "install failed"
 fi
 export PYTHONPATH=/tmp/fm:$PYTHONPATH
-mkdir -p $W
+mkdir -p $W/drills/runs
+if [ -n "${DRILL_FROM:-}" ]; then  # finished runs only: a cut one has no summary.json and runs again
+  for d in "$(realpath "$DRILL_FROM")"/runs/*/; do [ -f "$d/summary.json" ] && cp -r "$d" $W/drills/runs/; done
+  echo "[run.sh] $(ls $W/drills/runs | wc -l) finished runs from $DRILL_FROM"
+fi
 cd /tmp  # not the repo root: its peft/ would shadow Hugging Face's
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 
