@@ -112,7 +112,7 @@ def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray", threads:
     log_file = out / "logs" / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] {name}: running (log: {log_file})", flush=True)
-    with log_file.open("w") as log:
+    with log_file.open("w", buffering=1) as log:  # line by line: a killed sweep keeps its runs' logs
         proc = subprocess.Popen([sys.executable, "-m", "fedmeld.simulations.run", "--config", str(config_file),
                                  "--backend", backend],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
