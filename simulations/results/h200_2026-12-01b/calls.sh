@@ -36,7 +36,7 @@ if [ "$CALL" = A ]; then
   OMP_NUM_THREADS=4 $FM pretrain --model resnet18 --source medmnist --datasets retinamnist,pneumoniamnist \
     --target breastmnist --init "$P/fractal/resnet18.safetensors" --seconds 30 --resolution 64 --batch-size 256 --lr 1e-3 \
     --out "$B" > "$L/fractal-med_resnet18.log" 2>&1
-  tail -2 "$L"/*.log; date -u
+  tail -n 2 "$L"/*.log; date -u
   [ -f "$B" ] || { echo "no backbone"; exit 1; }
   exact fractal-med "$P/fractal-med" & XF=$!
   JOBS=10
