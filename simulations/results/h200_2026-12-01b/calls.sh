@@ -2,7 +2,8 @@
 # Device calls of the third H200 session of 2026-12-01 (the second one's call-1 outputs were lost with
 # its machine, so call A redoes them), from the repo root (device `run`, carry [".device"]):
 #   bash simulations/results/h200_2026-12-01b/calls.sh A     # backbone, exact rows, drills (start)
-#   bash simulations/results/h200_2026-12-01b/calls.sh B     # drills (continued; .device/weights + .device/drills)
+#   bash simulations/results/h200_2026-12-01b/calls.sh B     # drills (continued): needs .device/weights/resnet18.tar.xz
+#     (fractal-med/ from A's parts) and .device/drills.tgz (drills/runs/<run>/ with summary.json, finished runs only)
 # A: remakes the fractal-med ResNet-18 with the commands in its card (pretrain_h200_2026-12-01/cards/
 #    fractal-med/resnet18.safetensors.json: fractal 170 s, then RetinaMNIST + PneumoniaMNIST 30 s, 64 px),
 #    meanwhile the aggregation preset's exact rows (exact.toml) from random init, then the same rows from
@@ -41,8 +42,8 @@ if [ "$CALL" = A ]; then
   exact fractal-med "$P/fractal-med" & XF=$!
   JOBS=10
 else
-  mkdir -p "$(dirname "$B")"; cp "$R/.device/weights/fractal-med/"* "$(dirname "$B")/"
-  cp -r "$R/.device/drills/runs/"* "$D/runs/" 2>/dev/null; echo "$(ls "$D/runs" | wc -l) finished runs carried in"
+  tar xJf "$R/.device/weights/resnet18.tar.xz" -C "$P"  # call A's resnet18.tar.part-*, xz'd to fit the carry
+  tar xzf "$R/.device/drills.tgz" -C "$W"; echo "$(ls "$D/runs" | wc -l) finished runs carried in"  # drills/runs/*
   JOBS=14
 fi
 
