@@ -9,7 +9,7 @@
 #    meanwhile the aggregation preset's exact rows (exact.toml) from random init, then the same rows from
 #    the new backbone beside the drills.
 # Drills: the drills preset from the new backbone at 64 px, IID blocks (3 seeds) first, then the
-#    Dirichlet 0.5 blocks with seed 0 only (the preset's runs, names and configs; a later call skips the
+#    Dirichlet 0.5 blocks with seed 0 only (DIR_SEEDS=0,1: seeds 0 and 1; the preset's runs, names and configs; a later call skips the
 #    finished ones carried in .device/drills/runs).
 # $OUT: exact.tgz (sweeps, card, pretraining logs), drills.tgz (every finished run, logs, table) and, in
 # A, resnet18.tar.part-* (the backbone and its card, for the next call's .device/weights).
@@ -61,7 +61,7 @@ PROG=$!
 export OMP_NUM_THREADS=1
 timeout $((END - SECONDS)) $FM sweep --grid "$W/drills_iid.toml" --backend inprocess --jobs $JOBS --out "$D" \
   --set "weights=$B" input-size=64 >> "$W/drills.log" 2>&1
-[ $SECONDS -lt $((END - 60)) ] && timeout $((END - SECONDS)) $FM sweep --grid "$W/drills_dir.toml" --seeds 0 \
+[ $SECONDS -lt $((END - 60)) ] && timeout $((END - SECONDS)) $FM sweep --grid "$W/drills_dir.toml" --seeds ${DIR_SEEDS:-0} \
   --backend inprocess --jobs $JOBS --out "$D" --set "weights=$B" input-size=64 >> "$W/drills.log" 2>&1
 kill $PROG; wait; date -u
 python3 "$R/simulations/results/drills_h200_2026-12-01/drill_table.py" "$D" > "$D/drill_table.md"; cat "$D/drill_table.md"
