@@ -452,8 +452,10 @@ def federation(overrides: list[str], out: Path) -> dict:
     n = int(next(o.split("=")[1] for o in reversed(job) if o.startswith("num-clients=")))
     bare = bare_clients(job)
     result = {"job": job, "bare_clients": bare}
+    deploy = ["fedmeld.simulations.deploy", "--supernodes", str(n)]
     commands = {"simulation": ["fedmeld.simulations.run", "--backend", "inprocess"],
-                "deployment": ["fedmeld.simulations.deploy", "--supernodes", str(n)]}
+                "deployment": deploy,  # the SuperLink's state on disk (the default, survives a restart)
+                "deployment_memory": [*deploy, "--superlink-state", "memory"]}
     for runtime, command in commands.items():
         name = f"{runtime}-{stamp}"
         measured = federated_rounds([*command, *job, f'run-name="{name}"'], runs / name, runs / f"{name}.trace.jsonl")

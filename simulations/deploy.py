@@ -129,13 +129,15 @@ def supernode_commands(superlink_port: int, index: int, config: str, isolation: 
 
 
 def superlink_commands(port: int, home: Path, credentials: Credentials | None,
-                       secret: Path | None) -> dict[str, list[str]]:
+                       secret: Path | None, state: str = "disk") -> dict[str, list[str]]:
     """The SuperLink and, when secure, the SuperExec that runs its ServerApps, by log name. Secure,
     the SuperLink runs with ``--isolation process``: Flower signs no task claims with its own
     SuperExec, and its Runtime API shares the port hospitals reach. Its state (registered nodes,
     runs, messages) lives in ``HOME/superlink.db``, so a restarted SuperLink carries on where it
-    stopped (README, "Restarting the SuperLink")."""
-    common = ["--database", str(home / DATABASE), "--disable-runtime-dependency-installation", "--port", str(port)]
+    stopped (README, "Restarting the SuperLink"); ``state="memory"`` keeps it in the SuperLink's memory
+    instead: no SQLite write per request, and nothing that survives a restart."""
+    database = ["--database", str(home / DATABASE)] if state == "disk" else []  # Flower's default: in memory
+    common = [*database, "--disable-runtime-dependency-installation", "--port", str(port)]
     if credentials is None:
         return {"superlink": ["flower-superlink", "--insecure", *common]}
     return {"superlink": ["flower-superlink", "--ssl-ca-certfile", str(credentials.ca),
@@ -168,7 +170,7 @@ class Deployment:
     (appended, so a restarted process continues its log). Stops everything on leaving a ``with``."""
 
     def __init__(self, home: Path, num_supernodes: int, gpus: list[str], data_root: str,
-                 isolation: str = "process", credentials: Credentials | None = None) -> None:
+                 isolation: str = "process", credentials: Credentials | None = None, state: str = "disk") -> None:
         self.home, self.secure = home.resolve(), credentials is not None
         self.procs: dict[str, subprocess.Popen] = {}  # by log name, in start order
         self.commands: dict[str, list[str]] = {}  # what started each, to restart it
@@ -183,7 +185,7 @@ class Deployment:
                 secret = self.home / SUPEREXEC_SECRET
                 if not secret.exists():
                     create_secret(secret)
-            link = superlink_commands(self.port, self.home, credentials, secret)
+            link = superlink_commands(self.port, self.home, credentials, secret, state)
             self.start("superlink", link.pop("superlink"))
             self._wait_for_port(self.port)
             for name, cmd in link.items():
@@ -450,11 +452,11 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
 
 def run_deployment(cfg: RunConfig, num_supernodes: int, gpus: list[str], home: Path,
                    poll_seconds: float = 2.0, isolation: str = "process", insecure: bool = False,
-                   certs: Path | None = None) -> Path:
+                   certs: Path | None = None, state: str = "disk") -> Path:
     """Start the federation (secure unless ``insecure``), run the app to the end, stop everything;
     return the run directory."""
     credentials = None if insecure else deployment_credentials(home, num_supernodes, certs)
-    with Deployment(home, num_supernodes, gpus, cfg.data_root, isolation, credentials) as fed:
+    with Deployment(home, num_supernodes, gpus, cfg.data_root, isolation, credentials, state) as fed:
         return fed.follow(fed.submit(cfg), Path(cfg.out) / cfg.run_name, poll_seconds)
 
 
@@ -471,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolation", choices=ISOLATIONS, default="process",
                         help="process (default): one long-lived fedmeld executor per SuperNode runs every "
                              "message; subprocess: Flower's stock fresh flwr-clientapp process per message")
+    parser.add_argument("--superlink-state", choices=("disk", "memory"), default="disk",
+                        help="disk (default): the SuperLink keeps nodes, runs and messages in HOME/superlink.db, so "
+                             "a restarted SuperLink carries on; memory: in its own memory, faster per message "
+                             "(no SQLite write per request) but a restart forgets the nodes and the run")
     security = parser.add_mutually_exclusive_group()
     security.add_argument("--certs", metavar="DIR", type=Path,
                           help="take ca.pem, server.pem, server.key and supernode-K.key/.pub (K = 0..N-1) from DIR "
@@ -506,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     try:
         print(run_deployment(cfg, nodes, gpus, home, isolation=args.isolation, insecure=args.insecure,
-                             certs=args.certs))
+                             certs=args.certs, state=args.superlink_state))
     except CredentialError as err:
         parser.error(str(err))
     return 0

@@ -100,6 +100,9 @@ def test_secure_superlink_admits_registered_nodes_only_and_runs_its_serverapps_t
     assert superlink_commands(8000, tmp_path, None, None) == {"superlink": [
         "flower-superlink", "--insecure", "--database", str(tmp_path / "superlink.db"),
         "--disable-runtime-dependency-installation", "--port", "8000"]}  # insecure too: a restart keeps its state
+    memory = superlink_commands(8000, tmp_path, credentials, secret, state="memory")
+    assert "--database" not in memory["superlink"]  # Flower's default: its state in memory
+    assert [a for a in link if a not in ("--database", str(tmp_path / "superlink.db"))] == memory["superlink"]
     assert tomllib.loads(connection_config(8000, credentials.ca))["superlink"] == {
         "default": "deploy", "deploy": {"address": "127.0.0.1:8000", "root-certificates": str(credentials.ca)}}
     assert tomllib.loads(connection_config(8000, None))["superlink"]["deploy"]["insecure"] is True
