@@ -38,6 +38,9 @@ def apply_norm(model: nn.Module, cfg: PeftConfig) -> None:
                 p.requires_grad_(True)
 
 
+BN_STATISTICS = ("running_mean", "running_var")  # the names BatchNorm statistics travel under (state-dict suffixes)
+
+
 def bn_stats(model: nn.Module) -> dict[str, Tensor]:
     """running_mean/running_var of every BatchNorm whose statistics can change (not frozen), by
     state-dict name: what has to travel."""

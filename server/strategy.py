@@ -28,6 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from fedmeld.peft import merged_state_dict
+from fedmeld.peft.norm import BN_STATISTICS
 from fedmeld.task.config import ConfigError, RunConfig
 from fedmeld.task.data import TaskInfo
 from fedmeld.task.privacy import CLIENTS, DPPlan, Ledger
@@ -35,7 +36,6 @@ from fedmeld.task.wire import State, pack, payload_bytes, snapshot, unpack
 
 log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
-BN_STATISTICS = ("running_mean", "running_var")  # BatchNorm statistics travel under these names (peft/norm.py)
 # What metrics.jsonl records for every round, whatever the protocol (NaN where a round has no value).
 ROUND_STATS = ("num_sampled", "num_clients_ok", "num_clients_failed", "partitions_ok", "failed_nodes", "applied",
                "bytes_down",

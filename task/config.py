@@ -226,11 +226,13 @@ class RunConfig:
                              rule="must be empty or comma-separated positive integers")
     robust_f: int = _key(1, "Byzantine replies per round the robust rules assume (f): trimmed-mean drops f values "
                          "at each side; krum and multi-krum need n >= 2f+3 replies, median, trimmed-mean and "
-                         "clipped-mean with clip-norm 0 need n >= 2f+1. min-clients must be at least that n, so that a "
+                         "clipped-mean with clip-norm 0 need n >= 2f+1, direction-clipped-mean (drops up to f) "
+                         "n >= 2f+2. min-clients must be at least that n, so that a "
                          "round with fewer usable replies is recorded and not applied.", check=_non_negative[0],
                          rule=_non_negative[1])
-    clip_norm: float = _key(0.0, "clipped-mean: bound on each client's effective update norm (s·B·A per LoRA layer, "
-                            "other adapter tensors as they are); 0: the median of the round's norms.",
+    clip_norm: float = _key(0.0, "clipped-mean and direction-clipped-mean: bound on each client's effective update "
+                            "norm (s·B·A per LoRA layer, other adapter tensors as they are); 0: the median of the "
+                            "round's norms (of the replies kept).",
                             check=_non_negative[0], rule=_non_negative[1])
     krum_m: int = _key(0, "multi-krum: how many best-scored replies are averaged; 0: n - robust-f.",
                        check=_non_negative[0], rule=_non_negative[1])

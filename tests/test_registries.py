@@ -137,10 +137,28 @@ def _by_hand_clipped(deltas, weights):
                            weights)
 
 
+def _middle(values: list[float]) -> float:
+    """The median the rules take (torch's quantile 0.5): an even count averages the middle two."""
+    ordered, half = sorted(values), len(values) // 2
+    return ordered[half] if len(values) % 2 else (ordered[half - 1] + ordered[half]) / 2
+
+
+def _by_hand_direction(deltas, weights):
+    flat = _flat(deltas)
+    cosines = [_middle([float(x @ y / (x.norm() * y.norm())) for j, y in enumerate(flat) if j != i])
+               for i, x in enumerate(flat)]
+    worst = min(range(len(flat)), key=cosines.__getitem__)
+    kept = [i for i in range(len(flat)) if i != worst or cosines[i] >= 0]  # f = 1: at most one dropped
+    bound = _middle([float(flat[i].norm()) for i in kept])
+    return _per_key(_mean)([{k: v * min(1.0, bound / float(flat[i].norm())) for k, v in deltas[i].items()}
+                            for i in kept], [weights[i] for i in kept])
+
+
 REFERENCES = {  # rule -> what it must equal, computed the plain way
     "fedavg": _per_key(_mean), "ffa": _per_key(_mean), "median": _per_key(_by_hand_median),
     "trimmed-mean": _per_key(_by_hand_trimmed), "exact": _product_mean, "krum": _by_hand_krum,
     "multi-krum": _by_hand_multi_krum, "clipped-mean": _by_hand_clipped,
+    "direction-clipped-mean": _by_hand_direction,
 }
 
 

@@ -29,6 +29,7 @@ class Geometry:
     """The clients' effective updates as far as the robust rules need them, float64."""
 
     gram: torch.Tensor  # (n, n): ⟨v_i, v_j⟩
+    first_gram: torch.Tensor  # (n, n): ⟨u_i, u_j⟩, the first-order parts (flip sign with the deltas)
     first: torch.Tensor  # (n,): ‖u_k‖², dense deltas included
     cross: torch.Tensor  # (n,): ⟨u_k, w_k⟩
     second: torch.Tensor  # (n,): ‖w_k‖²
@@ -74,7 +75,7 @@ def geometry(deltas: Sequence[Delta], global_state: Delta | None, scaling: float
                          f"global state the deltas apply to; call it as AGGREGATORS[{rule!r}](deltas, weights, "
                          f"global_state)")
     n = len(deltas)
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram, first_gram = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
     first, cross, second = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
     paired = set()
     for layer in layers:
@@ -87,6 +88,7 @@ def geometry(deltas: Sequence[Delta], global_state: Delta | None, scaling: float
         ay = torch.cat([a, da], 1)  # (n, 2r, in)
         vx, ux = torch.cat([db, scaling * b + db], 2), torch.cat([db, scaling * b], 2)  # (n, out, 2r)
         gram += _inner(vx, ay, vx, ay, pairs=True)
+        first_gram += _inner(ux, ay, ux, ay, pairs=True)
         first += _inner(ux, ay, ux, ay, pairs=False)
         cross += _inner(ux, ay, db, da, pairs=False)
         second += _inner(db, da, db, da, pairs=False)
@@ -94,8 +96,9 @@ def geometry(deltas: Sequence[Delta], global_state: Delta | None, scaling: float
         if name not in paired and deltas[0][name].is_floating_point():
             flat = torch.stack([d[name].double().flatten() for d in deltas])  # (n, numel)
             gram += flat @ flat.T
+            first_gram += flat @ flat.T
             first += flat.square().sum(1)
-    return Geometry(gram, first, cross, second)
+    return Geometry(gram, first_gram, first, cross, second)
 
 
 def scaled(delta: Delta, factor: float) -> Delta:

@@ -85,6 +85,7 @@ from fedmeld.server.delta import DeltaProtocol  # noqa: E402
 from fedmeld.server.strategy import Reply  # noqa: E402
 from fedmeld.task.aggregators import RuleSettings  # noqa: E402
 from fedmeld.task.aggregators.clipped import clip_factors  # noqa: E402
+from fedmeld.task.aggregators.direction import against, median_cosines  # noqa: E402
 from fedmeld.task.aggregators.effective import geometry  # noqa: E402
 from fedmeld.task.aggregators.krum import krum_scores  # noqa: E402
 from fedmeld.task.config import ConfigError  # noqa: E402
@@ -157,6 +158,34 @@ def test_clipped_mean_bounds_each_clients_effective_update():
     # without clip-norm the bound is the round's median norm: the honest clients above it shrink too
     adaptive = clip_factors(geometry(deltas, glob, SCALE, "clipped-mean"), float(norms.median()))
     assert (adaptive[norms <= norms.median()] == 1).all() and (adaptive[norms > norms.median()] < 1).all()
+
+
+def test_direction_clipped_mean_drops_a_sign_flipped_reply_and_clips_the_rest():
+    """A reply that points against the others (−5× an honest update) is dropped, where clipped-mean
+    only shrinks it to the median norm and keeps its pull; with nobody against, it is clipped-mean."""
+    glob, honest = _lora_round(4)
+    flipped = {k: -5 * v for k, v in honest[0].items()}
+    deltas, weights = [*honest, flipped], [10.0, 20.0, 30.0, 40.0, 50.0]
+    cosines = median_cosines(deltas, glob, SCALE)
+    assert (cosines[:4] > 0.5).all() and cosines[4] < -0.5
+    shared = torch.full((64,), 3.0)  # running variances, sent honest by every client: not part of the score
+    with_stats = [{**d, "bn.running_var": shared + 0.01 * i} for i, d in enumerate(deltas)]
+    torch.testing.assert_close(median_cosines(with_stats, glob, SCALE), cosines)
+    out = _rule("direction-clipped-mean")(deltas, weights, glob)
+    honest_norms = torch.stack([_effective(d, glob).norm() for d in honest])
+    kept = clip_factors(geometry(honest, glob, SCALE, "x"), float(honest_norms.quantile(0.5)))  # even: mid two
+    expected = weighted_mean([{k: v * lam.item() for k, v in d.items()} for d, lam in zip(honest, kept)], weights[:4])
+    assert all(torch.allclose(out[k], expected[k], atol=1e-7) for k in out)
+    plain = _rule("clipped-mean")(deltas, weights, glob)  # the flipped reply still counts there
+    assert (plain["n.weight"] - expected["n.weight"]).norm() > 2 * (out["n.weight"] - expected["n.weight"]).norm()
+    nobody = _rule("direction-clipped-mean")(honest, weights[:4], glob)  # nobody against: clipped-mean
+    assert all(torch.equal(nobody[k], v) for k, v in _rule("clipped-mean")(honest, weights[:4], glob).items())
+    # the Byzantine budget: two flipped replies with robust-f = 1 lose only the one most against
+    two = [*honest, flipped, {k: -4 * v for k, v in honest[1].items()}]
+    assert against(median_cosines(two, glob, SCALE), 1) == [4]
+    assert against(median_cosines(two, glob, SCALE), 2) == [4, 5]
+    with pytest.raises(ValueError, match=r"direction-clipped-mean needs at least 4 replies"):
+        _rule("direction-clipped-mean")(honest[:3], weights[:3], glob)
 
 
 def test_scores_see_the_weight_update_not_the_factors():

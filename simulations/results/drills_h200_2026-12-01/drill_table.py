@@ -28,7 +28,7 @@ from fedmeld.server.report import select_round
 from fedmeld.simulations.report import read_run
 from fedmeld.simulations.sweep import mean_std
 
-RULES = ("fedavg", "median", "trimmed-mean", "krum", "clipped-mean")
+RULES = ("fedavg", "median", "trimmed-mean", "krum", "clipped-mean", "direction-clipped-mean")
 ATTACKS = {"clean": "clean", "sign-flip5": "sign flip ×5", "scale10": "scaled ×10", "label-flip": "label flip"}
 BLOCKS = {"1of5_iid": "1 attacker of 5, IID", "1of5_dir0.5": "1 attacker of 5, Dirichlet 0.5",
           "2of8_iid": "2 attackers of 8, IID", "2of8_dir0.5": "2 attackers of 8, Dirichlet 0.5"}

@@ -1,0 +1,78 @@
+"""The direction-checked clipped mean: drop replies that point against the others, clip the rest.
+
+A norm bound alone (``clipped.py``) caps how far a reply moves the model, not where: a sign-flipped
+reply clipped to an honest norm still pulls against the honest direction every round (the drill
+table's sign flip ×5 column). Here each reply k is first scored by the median, over the other
+replies j, of the cosine between the first-order parts of their effective updates (``effective.py``:
+u = s·(dB·A + B·dA) per LoRA layer, every other trained tensor as it is; BatchNorm statistics left
+out). The first-order part is the direction a reply moves the weights in, and it flips with the
+deltas; the second-order s·dB·dA does not (a reply of −k·dA, −k·dB makes −k·u + k²·w), which on
+real rounds hid a sign-flipped reply's direction in its whole update. With at most
+f Byzantine replies among n >= 2f + 2, a reply's n − 1 others are mostly honest, so an honest
+reply's median cosine is the cosine to a typical honest client, positive when honest clients agree
+(IID data); a reply that points against them (sign flip) has a negative one. Up to f replies with a
+negative median cosine are dropped, most negative first, and the clipped mean (bound: clip-norm, or
+the median norm of the replies kept) is taken over the rest, example-weighted.
+
+What it assumes: honest clients' updates agree in direction (cosine > 0 to a typical other honest
+client). Under strong label skew honest clients may disagree; then at most f of them are dropped,
+as the Byzantine budget allows, and the norm bound still holds for every reply kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from fedmeld.peft.norm import BN_STATISTICS
+
+from . import Delta, RuleSettings, check_replies, register_aggregator
+from .clipped import clip_factors
+from .effective import geometry, scaled
+from .mean import weighted_mean
+
+log = logging.getLogger(__name__)
+
+
+def median_cosines(deltas: Sequence[Delta], global_state: Delta | None, scaling: float) -> torch.Tensor:
+    """(n,) each reply's median cosine (first-order updates) to the other replies, over what training changes (BatchNorm
+    statistics left out: running variances travel honest even from an attacker, see task/attacks.py,
+    and their large shared part would pull every cosine towards that of the statistics)."""
+    trained = [{k: v for k, v in d.items() if not k.endswith(BN_STATISTICS)} for d in deltas]
+    geo = geometry(trained, global_state, scaling, "direction-clipped-mean")
+    norms = geo.first_gram.diagonal().clamp_min(0).sqrt()
+    cos = geo.first_gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+    n = len(cos)
+    others = cos[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)
+    return others.quantile(0.5, dim=1)
+
+
+def against(cosines: torch.Tensor, byzantine: int) -> list[int]:
+    """The replies to drop: those with a negative median cosine, at most ``byzantine``, most negative first."""
+    order = sorted(range(len(cosines)), key=lambda i: (cosines[i].item(), i))
+    return sorted(i for i in order[:byzantine] if cosines[i] < 0)
+
+
+@register_aggregator("direction-clipped-mean", robust=True,
+                     min_replies=lambda s: 2 * s.byzantine + 2,
+                     help="clipped-mean after dropping up to robust-f replies whose effective update points against "
+                          "the others (negative median cosine to the other replies); bound: clip-norm, or the kept "
+                          "replies' median norm (needs n >= 2f+2)")
+def direction_clipped_mean(deltas: Sequence[Delta], weights: Sequence[float], *,
+                           settings: RuleSettings = RuleSettings(), global_state: Delta | None = None) -> Delta:
+    """Example-weighted mean of the kept replies, each clipped to the bound."""
+    f = settings.byzantine
+    check_replies("direction-clipped-mean", len(deltas), 2 * f + 2,
+                  f"a median cosine over mostly honest others: n >= 2·robust-f + 2, robust-f={f}")
+    cosines = median_cosines(deltas, global_state, settings.lora_scaling)
+    geo = geometry(deltas, global_state, settings.lora_scaling, "direction-clipped-mean")
+    dropped = against(cosines, f)
+    kept = [i for i in range(len(deltas)) if i not in dropped]
+    norms = geo.norms()
+    bound = settings.clip_norm or norms[kept].quantile(0.5).item()
+    factors = clip_factors(geo, bound)
+    log.info("direction-clipped-mean: median cosines %s; dropped %s; bound %.4g; factors %s",
+             [f"{c:.3g}" for c in cosines.tolist()], dropped, bound, [f"{v:.3g}" for v in factors.tolist()])
+    return weighted_mean([scaled(deltas[i], factors[i].item()) for i in kept], [weights[i] for i in kept])
