@@ -224,7 +224,7 @@ def test_a_new_adapter_and_rule_are_one_module_each(tmp_path, medmnist_root):
     shown = _fedmeld(["run", "--help"], plugins, tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "norm-gamma: only the γ of every normalization layer" in shown.stdout
-    choices = "{clipped-mean|exact|fedavg|ffa|krum|median|multi-krum|trimmed-mean|unweighted-mean}"
+    choices = "{" + "|".join(sorted([*AGGREGATORS, "unweighted-mean"])) + "}"  # the registry plus the plugin
     assert "unweighted-mean" in shown.stdout and choices in shown.stdout
 
     done = _fedmeld(["run", "--backend", "inprocess", "peft=norm-gamma", "aggregation=unweighted-mean",
