@@ -61,6 +61,7 @@ CONNECTION = "deploy"  # the flwr CLI's name for this SuperLink in $FLWR_HOME/co
 JOINED = re.compile(r"SuperNode ID: (\d+)")  # a SuperNode's log line once the SuperLink activated it
 RETRY_SECONDS = 1.0  # between attempts to restart a SuperNode that the SuperLink still counts as online
 DATABASE = "superlink.db"  # the SuperLink's state in HOME: it outlives a SuperLink restart
+SUPERLINK_STATES = ("disk", "memory")  # --superlink-state: DATABASE, or Flower's default (in memory)
 SERVERAPP = "flwr-serverapp"  # the process Flower's SuperExec starts for each run
 
 
@@ -136,6 +137,8 @@ def superlink_commands(port: int, home: Path, credentials: Credentials | None,
     runs, messages) lives in ``HOME/superlink.db``, so a restarted SuperLink carries on where it
     stopped (README, "Restarting the SuperLink"); ``state="memory"`` keeps it in the SuperLink's memory
     instead: no SQLite write per request, and nothing that survives a restart."""
+    if state not in SUPERLINK_STATES:
+        raise ValueError(f"state={state!r}; valid: {', '.join(SUPERLINK_STATES)}")
     database = ["--database", str(home / DATABASE)] if state == "disk" else []  # Flower's default: in memory
     common = [*database, "--disable-runtime-dependency-installation", "--port", str(port)]
     if credentials is None:
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolation", choices=ISOLATIONS, default="process",
                         help="process (default): one long-lived fedmeld executor per SuperNode runs every "
                              "message; subprocess: Flower's stock fresh flwr-clientapp process per message")
-    parser.add_argument("--superlink-state", choices=("disk", "memory"), default="disk",
+    parser.add_argument("--superlink-state", choices=SUPERLINK_STATES, default="disk",
                         help="disk (default): the SuperLink keeps nodes, runs and messages in HOME/superlink.db, so "
                              "a restarted SuperLink carries on; memory: in its own memory, faster per message "
                              "(no SQLite write per request) but a restart forgets the nodes and the run")

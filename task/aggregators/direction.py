@@ -6,8 +6,8 @@ clipped mean 7–10 points below clean fedavg). Here each reply k is first score
 replies j, of the cosine between the first-order parts of their effective updates (``effective.py``:
 u = s·(dB·A + B·dA) per LoRA layer, every other trained tensor as it is; BatchNorm statistics left
 out). The first-order part is the direction a reply moves the weights in, and it flips with the
-deltas; the second-order s·dB·dA does not (a reply of −k·dA, −k·dB makes −k·u + k²·w), which on
-real rounds hid a sign-flipped reply's direction in its whole update. With at most
+deltas; the second-order s·dB·dA does not (a reply of −k·dA, −k·dB makes −k·u + k²·w), so a
+sign-flipped reply's whole update need not point against the others. With at most
 f Byzantine replies among n >= 2f + 2, a reply's n − 1 others are mostly honest, so an honest
 reply's median cosine is the cosine to a typical honest client, positive when honest clients agree
 (IID data); a reply that points against them (sign flip) has a negative one. Up to f replies with a
@@ -26,22 +26,18 @@ from collections.abc import Sequence
 
 import torch
 
-from fedmeld.peft.norm import BN_STATISTICS
-
 from . import Delta, RuleSettings, check_replies, register_aggregator
 from .clipped import clip_factors
-from .effective import geometry, scaled
+from .effective import Geometry, geometry, scaled
 from .mean import weighted_mean
 
 log = logging.getLogger(__name__)
 
 
-def median_cosines(deltas: Sequence[Delta], global_state: Delta | None, scaling: float) -> torch.Tensor:
+def median_cosines(geo: Geometry) -> torch.Tensor:
     """(n,) each reply's median cosine (first-order updates u) to the other replies, over what training
-    changes (BatchNorm statistics left out: running variances travel honest even from an attacker, see
-    task/attacks.py, and their large shared part would pull every cosine towards that of the statistics)."""
-    trained = [{k: v for k, v in d.items() if not k.endswith(BN_STATISTICS)} for d in deltas]
-    geo = geometry(trained, global_state, scaling, "direction-clipped-mean")
+    changes (``Geometry.first_gram`` leaves BatchNorm statistics out: running variances travel honest even
+    from an attacker, see task/attacks.py, and their large shared part would pull every cosine to theirs)."""
     norms = geo.first_gram.diagonal().clamp_min(0).sqrt()
     cos = geo.first_gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
     n = len(cos)
@@ -66,8 +62,8 @@ def direction_clipped_mean(deltas: Sequence[Delta], weights: Sequence[float], *,
     f = settings.byzantine
     check_replies("direction-clipped-mean", len(deltas), 2 * f + 2,
                   f"a median cosine over mostly honest others: n >= 2·robust-f + 2, robust-f={f}")
-    cosines = median_cosines(deltas, global_state, settings.lora_scaling)
     geo = geometry(deltas, global_state, settings.lora_scaling, "direction-clipped-mean")
+    cosines = median_cosines(geo)
     dropped = against(cosines, f)
     kept = [i for i in range(len(deltas)) if i not in dropped]
     norms = geo.norms()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedmeld.peft.norm import BN_STATISTICS
+
 from . import Delta
 
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
@@ -29,7 +31,8 @@ class Geometry:
     """The clients' effective updates as far as the robust rules need them, float64."""
 
     gram: torch.Tensor  # (n, n): ⟨v_i, v_j⟩
-    first_gram: torch.Tensor  # (n, n): ⟨u_i, u_j⟩, the first-order parts (flip sign with the deltas)
+    first_gram: torch.Tensor  # (n, n): ⟨u_i, u_j⟩ over trained tensors (BatchNorm statistics left out): the
+    # direction a reply trains in, which flips sign with the deltas
     first: torch.Tensor  # (n,): ‖u_k‖², dense deltas included
     cross: torch.Tensor  # (n,): ⟨u_k, w_k⟩
     second: torch.Tensor  # (n,): ‖w_k‖²
@@ -96,7 +99,8 @@ def geometry(deltas: Sequence[Delta], global_state: Delta | None, scaling: float
         if name not in paired and deltas[0][name].is_floating_point():
             flat = torch.stack([d[name].double().flatten() for d in deltas])  # (n, numel)
             gram += flat @ flat.T
-            first_gram += flat @ flat.T
+            if not name.endswith(BN_STATISTICS):  # statistics are not a direction of training
+                first_gram += flat @ flat.T
             first += flat.square().sum(1)
     return Geometry(gram, first_gram, first, cross, second)
 

@@ -166,11 +166,11 @@ def test_direction_clipped_mean_drops_a_sign_flipped_reply_and_clips_the_rest():
     glob, honest = _lora_round(4)
     flipped = {k: -5 * v for k, v in honest[0].items()}
     deltas, weights = [*honest, flipped], [10.0, 20.0, 30.0, 40.0, 50.0]
-    cosines = median_cosines(deltas, glob, SCALE)
+    cosines = median_cosines(geometry(deltas, glob, SCALE, "x"))
     assert (cosines[:4] > 0.5).all() and cosines[4] < -0.5
     shared = torch.full((64,), 3.0)  # running variances, sent honest by every client: not part of the score
     with_stats = [{**d, "bn.running_var": shared + 0.01 * i} for i, d in enumerate(deltas)]
-    torch.testing.assert_close(median_cosines(with_stats, glob, SCALE), cosines)
+    torch.testing.assert_close(median_cosines(geometry(with_stats, glob, SCALE, "x")), cosines)
     out = _rule("direction-clipped-mean")(deltas, weights, glob)
     honest_norms = torch.stack([_effective(d, glob).norm() for d in honest])
     kept = clip_factors(geometry(honest, glob, SCALE, "x"), float(honest_norms.quantile(0.5)))  # even: mid two
@@ -182,8 +182,8 @@ def test_direction_clipped_mean_drops_a_sign_flipped_reply_and_clips_the_rest():
     assert all(torch.equal(nobody[k], v) for k, v in _rule("clipped-mean")(honest, weights[:4], glob).items())
     # the Byzantine budget: two flipped replies with robust-f = 1 lose only the one most against
     two = [*honest, flipped, {k: -4 * v for k, v in honest[1].items()}]
-    assert against(median_cosines(two, glob, SCALE), 1) == [4]
-    assert against(median_cosines(two, glob, SCALE), 2) == [4, 5]
+    assert against(median_cosines(geometry(two, glob, SCALE, "x")), 1) == [4]
+    assert against(median_cosines(geometry(two, glob, SCALE, "x")), 2) == [4, 5]
     with pytest.raises(ValueError, match=r"direction-clipped-mean needs at least 4 replies"):
         _rule("direction-clipped-mean")(honest[:3], weights[:3], glob)
 
