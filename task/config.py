@@ -234,6 +234,10 @@ class RunConfig:
                             "norm (s·B·A per LoRA layer, other adapter tensors as they are); 0: the median of the "
                             "round's norms (of the replies kept).",
                             check=_non_negative[0], rule=_non_negative[1])
+    direction_z: float = _key(0.0, "direction-clipped-mean: drop a reply only if its median cosine is negative and more "
+                              "than this many robust standard deviations (1.4826 x MAD of the round's median cosines) "
+                              "below their median; 0: every negative one (up to robust-f).",
+                              check=_non_negative[0], rule=_non_negative[1])
     krum_m: int = _key(0, "multi-krum: how many best-scored replies are averaged; 0: n - robust-f.",
                        check=_non_negative[0], rule=_non_negative[1])
     attack: str = _key("none", _attack_help, lambda: ("none", *sorted(ATTACKS)))
@@ -332,8 +336,9 @@ class RunConfig:
 
     @property
     def rule_settings(self) -> RuleSettings:
-        """What the robust rules assume and need (robust-f, clip-norm, krum-m, LoRA's scale)."""
-        return RuleSettings(self.robust_f, self.clip_norm, self.krum_m, self.lora_alpha / self.lora_rank)
+        """What the robust rules assume and need (robust-f, clip-norm, krum-m, LoRA's scale, direction-z)."""
+        return RuleSettings(self.robust_f, self.clip_norm, self.krum_m, self.lora_alpha / self.lora_rank,
+                            self.direction_z)
 
     @property
     def protocol(self) -> str:

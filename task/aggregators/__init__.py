@@ -38,6 +38,7 @@ class RuleSettings:
     clip_norm: float = 0.0  # clipped-mean's bound on a client's update norm (clip-norm); 0: the round's median
     krum_keep: int = 0  # multi-krum's m, the best-scored replies averaged (krum-m); 0: n − f
     lora_scaling: float = 1.0  # s of a LoRA layer's weight update s·B·A (lora-alpha / lora-rank)
+    direction_z: float = 0.0  # direction-clipped-mean drops only outliers this many robust stds low (direction-z)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ sign-flipped reply's whole update need not point against the others. With at mos
 f Byzantine replies among n >= 2f + 2, a reply's n − 1 others are mostly honest, so an honest
 reply's median cosine is the cosine to a typical honest client, positive when honest clients agree
 (IID data); a reply that points against them (sign flip) has a negative one. Up to f replies with a
-negative median cosine are dropped, most negative first, and the clipped mean (bound: clip-norm, or
+negative median cosine are dropped, most negative first (with ``direction-z`` > 0 only those that are
+also outliers, more than z robust standard deviations below the round's median cosine), and the clipped mean (bound: clip-norm, or
 the median norm of the replies kept) is taken over the rest, example-weighted.
 
 What it assumes: honest clients' updates agree in direction (cosine > 0 to a typical other honest
@@ -45,16 +46,23 @@ def median_cosines(geo: Geometry) -> torch.Tensor:
     return others.quantile(0.5, dim=1)
 
 
-def against(cosines: torch.Tensor, byzantine: int) -> list[int]:
-    """The replies to drop: those with a negative median cosine, at most ``byzantine``, most negative first."""
+def against(cosines: torch.Tensor, byzantine: int, z: float = 0.0) -> list[int]:
+    """The replies to drop: at most ``byzantine``, most negative first, each with a median cosine below 0 and,
+    with ``z`` > 0, also below median − z·1.4826·MAD of the round's median cosines (an outlier: many small
+    honest clients agree weakly, cosines near 0 of either sign, and a plain sign test drops some of them)."""
+    threshold = 0.0
+    if z > 0:
+        centre = cosines.median()
+        threshold = min(0.0, (centre - z * 1.4826 * (cosines - centre).abs().median()).item())
     order = sorted(range(len(cosines)), key=lambda i: (cosines[i].item(), i))
-    return sorted(i for i in order[:byzantine] if cosines[i] < 0)
+    return sorted(i for i in order[:byzantine] if cosines[i] < threshold)
 
 
 @register_aggregator("direction-clipped-mean", robust=True,
                      min_replies=lambda s: 2 * s.byzantine + 2,
                      help="clipped-mean after dropping up to robust-f replies whose effective update points against "
-                          "the others (negative median cosine to the other replies); bound: clip-norm, or the kept "
+                          "the others (negative median cosine to the other replies; direction-z: only outliers); "
+                          "bound: clip-norm, or the kept "
                           "replies' median norm (needs n >= 2f+2)")
 def direction_clipped_mean(deltas: Sequence[Delta], weights: Sequence[float], *,
                            settings: RuleSettings = RuleSettings(), global_state: Delta | None = None) -> Delta:
@@ -64,7 +72,7 @@ def direction_clipped_mean(deltas: Sequence[Delta], weights: Sequence[float], *,
                   f"a median cosine over mostly honest others: n >= 2·robust-f + 2, robust-f={f}")
     geo = geometry(deltas, global_state, settings.lora_scaling, "direction-clipped-mean")
     cosines = median_cosines(geo)
-    dropped = against(cosines, f)
+    dropped = against(cosines, f, settings.direction_z)
     kept = [i for i in range(len(deltas)) if i not in dropped]
     norms = geo.norms()
     bound = settings.clip_norm or norms[kept].quantile(0.5).item()

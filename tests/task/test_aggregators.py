@@ -88,7 +88,7 @@ from fedmeld.task.aggregators.clipped import clip_factors  # noqa: E402
 from fedmeld.task.aggregators.direction import against, median_cosines  # noqa: E402
 from fedmeld.task.aggregators.effective import geometry  # noqa: E402
 from fedmeld.task.aggregators.krum import krum_scores  # noqa: E402
-from fedmeld.task.config import ConfigError  # noqa: E402
+from fedmeld.task.config import ConfigError, RunConfig  # noqa: E402
 
 SCALE = 2.0  # LoRA's s = alpha / r in these cases
 
@@ -186,6 +186,23 @@ def test_direction_clipped_mean_drops_a_sign_flipped_reply_and_clips_the_rest():
     assert against(median_cosines(geometry(two, glob, SCALE, "x")), 2) == [4, 5]
     with pytest.raises(ValueError, match=r"direction-clipped-mean needs at least 4 replies"):
         _rule("direction-clipped-mean")(honest[:3], weights[:3], glob)
+
+
+def test_direction_z_drops_only_outliers_below_the_rounds_cosines():
+    """Eight small honest clients agree weakly (median cosines near 0, some just below it): direction-z keeps
+    them, where the plain sign test drops the f most negative; two clearly opposed replies go either way."""
+    weak = torch.tensor([0.008, 0.016, 0.026, -0.012, 0.045, 0.008, 0.014, -0.010], dtype=torch.float64)
+    assert against(weak, 2) == [3, 7]
+    assert against(weak, 2, z=2.0) == []
+    opposed = torch.tensor([-0.090, -0.101, 0.088, 0.079, 0.088, 0.046, 0.079, 0.063], dtype=torch.float64)
+    assert against(opposed, 2) == against(opposed, 2, z=2.0) == [0, 1]
+    # the threshold never rises above 0: a reply pointing the others' way is kept however far below it lies
+    spread = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.9, 0.01], dtype=torch.float64)
+    assert against(spread, 1, z=2.0) == []
+    cfg = RunConfig.from_mapping({"aggregation": "direction-clipped-mean", "direction-z": 2.0, "min-clients": 4})
+    assert cfg.aggregator.fn.keywords["settings"].direction_z == 2.0  # the key reaches the rule
+    with pytest.raises(ConfigError, match="direction-z"):
+        RunConfig.from_mapping({"direction-z": -1})
 
 
 def test_scores_see_the_weight_update_not_the_factors():
