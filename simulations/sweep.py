@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Sweep {path.stem}"
     if args.report_only:
         rows = collect(planned, out)
+        if not rows:
+            parser.error(f"--report-only: no finished run of this grid in {out} (run the sweep without "
+                         f"--report-only first, with the same --out, --seeds and --set)")
         write_reports(rows, out, title)
         print(f"[sweep] {len(rows)}/{len(planned)} runs finished; tables in {out}", flush=True)
         return 0

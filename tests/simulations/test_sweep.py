@@ -33,6 +33,15 @@ def test_presets_are_valid(preset, tmp_path):
     assert len(plan(tomllib.loads((PRESETS / f"{preset}.toml").read_text()), tmp_path)) >= 8
 
 
+def test_report_only_without_finished_runs_says_so(tmp_path, capsys):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[base]\nmodel = "resnet10t"\n[grid]\npeft = ["norm", "head"]\n')
+    with pytest.raises(SystemExit):
+        main(["--grid", str(grid), "--out", str(tmp_path / "none"), "--report-only"])
+    assert "no finished run of this grid" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
     grid = tmp_path / "grid.toml"
     grid.write_text(f'[base]\ndata-root = "{medmnist_root}"\nmodel = "resnet10t"\nnum-clients = 2\n'
