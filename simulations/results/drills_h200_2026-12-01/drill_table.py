@@ -28,7 +28,8 @@ from fedmeld.server.report import select_round
 from fedmeld.simulations.report import read_run
 from fedmeld.simulations.sweep import mean_std
 
-RULES = ("fedavg", "median", "trimmed-mean", "krum", "clipped-mean", "direction-clipped-mean")
+RULES = ("fedavg", "median", "trimmed-mean", "krum", "clipped-mean", "direction-clipped-mean",
+         "direction-z2")  # the last: direction-clipped-mean with direction-z 2 (../h200_2026-12-02/drills_direction.toml)
 ATTACKS = {"clean": "clean", "sign-flip5": "sign flip ×5", "scale10": "scaled ×10", "label-flip": "label flip"}
 BLOCKS = {"1of5_iid": "1 attacker of 5, IID", "1of5_dir0.5": "1 attacker of 5, Dirichlet 0.5",
           "2of8_iid": "2 attackers of 8, IID", "2of8_dir0.5": "2 attackers of 8, Dirichlet 0.5"}
@@ -105,7 +106,7 @@ def main(sweep: Path) -> None:
               f"AUC {mean_std(clean['auc']) if clean['auc'] else 'n/a'}; {n} seed{'s' * (n != 1)})\n")
         print("| rule | " + " | ".join(ATTACKS.values()) + " |")
         print("|---" * (len(ATTACKS) + 1) + "|")
-        for rule in RULES:
+        for rule in (r for r in RULES if any(seeds(runs, f"{block}_{r}_{a}") for a in ATTACKS)):  # rules run here
             print(f"| {rule} | " + " | ".join(show(cell(sweep, f"{block}_{rule}_{a}"), clean_acc, n) for a in ATTACKS)
                   + " |")
         print()
