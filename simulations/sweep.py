@@ -21,7 +21,7 @@ standard deviation) over the seeds of each config. Every config is checked befor
 is a separate ``fedmeld run`` process writing ``<out>/runs/<name>/``; a run whose
 summary.json exists is skipped, so an interrupted sweep resumes where it stopped (a half-written
 run directory is kept aside as ``<name>.incomplete-<time>``, one whose config has since changed as
-``<name>.stale-<time>``; nothing is deleted). The sweep writes ``results.csv``, ``results.md``,
+``<name>.stale-<time>``; nothing is deleted; a folder moved elsewhere keeps its finished runs). The sweep writes ``results.csv``, ``results.md``,
 ``accuracy_per_round.png`` and ``accuracy_vs_bytes.png`` every 30 s while it runs and at its end;
 ``--report-only`` writes them from the finished runs without running anything.
 """
@@ -95,12 +95,18 @@ def plan(grid: dict[str, Any], out: Path, seeds: list[int] | None = None) -> lis
     return planned
 
 
+def same_run(done: dict[str, Any], planned: dict[str, Any]) -> bool:
+    """Whether a finished run's config is the planned one. ``out`` (where the sweep folder lay when the run
+    wrote it) is left out, so a sweep folder copied to another path or machine still skips its finished runs."""
+    return {k: v for k, v in done.items() if k != "out"} == {k: v for k, v in planned.items() if k != "out"}
+
+
 def run_one(name: str, cfg: RunConfig, out: Path, backend: str = "ray", threads: int = 0) -> bool:
     """One simulation in its own process (fresh Ray, fresh memory); True if it finished. ``threads``
     caps its CPU threads (0: torch's default, every core), so parallel runs do not oversubscribe."""
     run_dir = out / "runs" / name
     summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text())["config"] == cfg.to_flower():
+    if summary.is_file() and same_run(json.loads(summary.read_text())["config"], cfg.to_flower()):
         print(f"[sweep] {name}: done before, skipped", flush=True)
         return True
     if run_dir.exists():  # cut off, or run with another config: keep it aside, never delete

@@ -70,6 +70,12 @@ def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
     assert [p.name.split(".")[0] for p in (out / "runs").glob("head.incomplete-*")] == ["head"]  # kept, not deleted
     assert (out / "runs" / "head" / "summary.json").is_file()
 
+    moved = tmp_path / "moved"  # the folder copied to another path (or machine): its runs still count
+    out.rename(moved)
+    assert main(["--grid", str(grid), "--out", str(moved), "--backend", "inprocess"]) == 0
+    assert "running" not in capsys.readouterr().out
+    moved.rename(out)
+
     grid.write_text(grid.read_text().replace("local-epochs = 1", "local-epochs = 2"))  # configs changed
     assert main(["--grid", str(grid), "--out", str(out), "--backend", "inprocess"]) == 0
     assert "norm: running" in capsys.readouterr().out
