@@ -29,6 +29,7 @@ class DeltaProtocol(Protocol):
         self.server_opt = server_opt or ServerOptimizer()
         self.pad_ranks = pad_ranks  # client-ranks: smaller LoRA factors are zero-padded (HetLoRA)
         self.local = local or {}  # local-params: each client keeps its own; the server evaluates with its initial
+        self.memory: dict[str, float] = {}  # a stateful rule's per-client scores (direction-memory), checkpointed
 
     @classmethod
     def for_run(cls, cfg: RunConfig, model: nn.Module) -> DeltaProtocol:
@@ -55,7 +56,7 @@ class DeltaProtocol(Protocol):
     def aggregate(self, replies: list[Reply]) -> None:
         deltas, weights = [r.state for r in replies], [r.weight for r in replies]
         if isinstance(self.rule, Aggregator):  # registered: robust rules score s·B·A against the global state
-            merged = self.rule(deltas, weights, self.state)
+            merged = self.rule(deltas, weights, self.state, [r.client for r in replies], self.memory)
         else:  # a bare (deltas, weights) function
             merged = self.rule(deltas, weights)
         step = self.server_opt.step(merged)
@@ -68,14 +69,15 @@ class DeltaProtocol(Protocol):
         return self.state
 
     def extra_state(self) -> tuple[State, dict]:
-        """The server optimizer's moments (FedAvgM, FedAdam, FedYogi)."""
+        """The server optimizer's moments (FedAvgM, FedAdam, FedYogi) and the rule's per-client memory."""
         return {f"{name}/{key}": t for name, moments in self.server_opt.state.items()
-                for key, t in moments.items()}, {}
+                for key, t in moments.items()}, {"rule_memory": dict(self.memory)}
 
     def restore(self, global_state: State, extra: State, meta: dict) -> None:
         if global_state.keys() != self.state.keys():
             raise ValueError("the checkpoint's adapter tensors differ from this run's")
         self.state = {k: global_state[k] for k in self.state}
+        self.memory = dict(meta.get("rule_memory", {}))
         self.server_opt.state = {}
         for key, t in extra.items():
             name, moment = key.rsplit("/", 1)

@@ -17,7 +17,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -121,6 +121,12 @@ class Reply:
     state: State
     weight: float
     metrics: MetricRecord
+    partition: int = -1  # as the node declared it at its first contact (FedmeldStrategy._learn_partitions)
+
+    @property
+    def client(self) -> str:
+        """Who sent it, stable across rounds and a resume: its partition, else (undeclared) its node."""
+        return f"partition {self.partition}" if self.partition >= 0 else f"node {self.node_id}"
 
 
 class Protocol(ABC):
@@ -377,7 +383,7 @@ class FedmeldStrategy(FedAvg):
                 reply = parse_reply(msg, self.protocol)
                 if self.budget and self.budget.query and reported.get(reply.node_id) is None:
                     raise BadReply("no DP-SGD report (dp_sample_rate, dp_steps, dp_noise_multiplier) under dp-clip")
-                good.append((msg, reply))
+                good.append((msg, replace(reply, partition=self._partitions.get(reply.node_id, -1))))
             except BadReply as bad:
                 failed[node] = str(bad)
                 log.warning("round %d: rejected reply from node %d: %s", server_round, node, bad)

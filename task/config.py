@@ -238,6 +238,12 @@ class RunConfig:
                               "than this many robust standard deviations (1.4826 x MAD of the round's median cosines) "
                               "below their median; 0: every negative one (up to robust-f).",
                               check=_non_negative[0], rule=_non_negative[1])
+    direction_memory: float = _key(0.0, "direction-clipped-mean: score a reply by its client's discounted sum of "
+                                   "median cosines over the rounds it took part in, score = direction-memory x "
+                                   "score + this round's; 0: this round alone, 1: the plain sum (never forgets; "
+                                   "a client that turns bad late keeps its credit longer). Catches attackers among "
+                                   "many small clients, whose single rounds look honest.",
+                                   check=lambda v: 0 <= v <= 1, rule="must be between 0 and 1")
     krum_m: int = _key(0, "multi-krum: how many best-scored replies are averaged; 0: n - robust-f.",
                        check=_non_negative[0], rule=_non_negative[1])
     attack: str = _key("none", _attack_help, lambda: ("none", *sorted(ATTACKS)))
@@ -336,9 +342,10 @@ class RunConfig:
 
     @property
     def rule_settings(self) -> RuleSettings:
-        """What the robust rules assume and need (robust-f, clip-norm, krum-m, LoRA's scale, direction-z)."""
+        """What the robust rules assume and need (robust-f, clip-norm, krum-m, LoRA's scale, direction-z and
+        -memory)."""
         return RuleSettings(self.robust_f, self.clip_norm, self.krum_m, self.lora_alpha / self.lora_rank,
-                            self.direction_z)
+                            self.direction_z, self.direction_memory)
 
     @property
     def protocol(self) -> str:

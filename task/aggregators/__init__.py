@@ -12,6 +12,11 @@ A rule registered with ``robust=True`` also takes two keywords: ``settings`` (th
 ``Aggregator.configured``, and ``global_state`` (the global adapters the round's deltas apply to),
 passed per round by the delta protocol, so it can score a LoRA layer by the update it makes to
 the weight, s·((B+dB)(A+dA) − B·A), instead of by its factors (``effective.py``).
+
+A rule registered with ``stateful=True`` remembers clients across rounds: it also takes ``clients``
+(each reply's client, as the server identifies it: ``"partition 3"``) and ``memory`` (a dict of
+JSON numbers it may update, owned by the protocol and kept in the checkpoint, so a resumed run
+remembers what the uninterrupted one does).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class RuleSettings:
     krum_keep: int = 0  # multi-krum's m, the best-scored replies averaged (krum-m); 0: n − f
     lora_scaling: float = 1.0  # s of a LoRA layer's weight update s·B·A (lora-alpha / lora-rank)
     direction_z: float = 0.0  # direction-clipped-mean drops only outliers this many robust stds low (direction-z)
+    direction_memory: float = 0.0  # direction-clipped-mean's weight of a client's past score (direction-memory)
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,16 @@ class Aggregator:
     mixed_ranks: bool = False  # accepts client-ranks (LoRA factors of several ranks)
     robust: bool = False  # takes the keywords settings (RuleSettings) and global_state
     min_replies: Callable[[RuleSettings], int] | None = None  # fewest replies a round needs under its assumption
+    stateful: bool = False  # remembers clients across rounds: takes the keywords clients and memory
 
-    def __call__(self, deltas: Sequence[Delta], weights: Sequence[float], global_state: Delta | None = None) -> Delta:
+    def __call__(self, deltas: Sequence[Delta], weights: Sequence[float], global_state: Delta | None = None,
+                 clients: Sequence[str] | None = None, memory: dict[str, float] | None = None) -> Delta:
         """The rule on one round's deltas; ``global_state``: the global adapters they apply to
-        (only robust rules read it, to score LoRA layers by s·B·A)."""
+        (only robust rules read it, to score LoRA layers by s·B·A); ``clients``: who sent each delta,
+        ``memory``: the rule's state from earlier rounds, updated in place (only stateful rules read them;
+        without them a stateful rule sees this round alone)."""
+        if self.stateful:
+            return self.fn(deltas, weights, global_state=global_state, clients=clients, memory=memory)
         if self.robust:
             return self.fn(deltas, weights, global_state=global_state)
         return self.fn(deltas, weights)
@@ -74,7 +86,7 @@ AGGREGATORS: dict[str, Aggregator] = {}
 
 def register_aggregator(name: str, *, help: str, protocol: str = "delta", needs_lora: bool = False,
                         freeze_lora_a: bool = False, mixed_ranks: bool = False, robust: bool = False,
-                        min_replies: Callable[[RuleSettings], int] | None = None,
+                        min_replies: Callable[[RuleSettings], int] | None = None, stateful: bool = False,
                         ) -> Callable[[AggregateFn], AggregateFn]:
     """Register ``fn`` as rule ``name`` (the run config's ``aggregation``)."""
     if protocol not in PROTOCOLS:
@@ -83,8 +95,10 @@ def register_aggregator(name: str, *, help: str, protocol: str = "delta", needs_
     def register(fn: AggregateFn) -> AggregateFn:
         if name in AGGREGATORS:
             raise ValueError(f"aggregator {name!r} is already registered (by {AGGREGATORS[name].fn.__module__})")
+        if stateful and not robust:
+            raise ValueError(f"aggregator {name!r}: stateful rules are robust ones (they take settings)")
         AGGREGATORS[name] = Aggregator(name, fn, help, protocol, needs_lora, freeze_lora_a, mixed_ranks, robust,
-                                       min_replies)
+                                       min_replies, stateful)
         return fn
 
     return register

@@ -105,6 +105,44 @@ def test_a_failing_client_does_not_stop_the_federation(toy_state):
     assert [(s["num_clients_ok"], s["num_clients_failed"]) for s in strategy.round_stats.values()] == [(2, 1), (2, 1)]
 
 
+def test_a_stateful_rule_remembers_clients_by_the_partition_they_declared():
+    """direction-memory keys its scores by the partition a node declared at its first contact (node ids
+    change from run to run, partitions do not): over Flower's in-process Grid, partition 0 sends −5× its
+    delta each round and ends with the lowest score; the other partitions keep positive ones."""
+    from flwr.clientapp import ClientApp
+
+    from fedmeld.task.aggregators import AGGREGATORS, RuleSettings
+    from fedmeld.task.flower.inprocess import InProcessGrid
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": context.node_config["partition-id"]})}),
+                       reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        pid = context.node_config["partition-id"]
+        g = torch.Generator().manual_seed(100 * msg.content["config"]["server-round"] + pid)
+        delta = {k: torch.ones_like(v) + 0.3 * torch.randn(v.shape, generator=g)
+                 for k, v in unpack(msg.content["arrays"]).items()}
+        if pid == 0:
+            delta = {k: -5 * v for k, v in delta.items()}
+        return Message(RecordDict({"arrays": pack(delta), "metrics": MetricRecord({"num-examples": 10,
+                                                                                  "partition-id": pid})}),
+                       reply_to=msg)
+
+    rule = AGGREGATORS["direction-clipped-mean"].configured(RuleSettings(byzantine=1, direction_memory=1.0))
+    start = {"w": torch.zeros(6), "v": torch.zeros(3)}
+    strategy = FedmeldStrategy(DeltaProtocol(dict(start), rule), fraction_evaluate=0.0, min_available_nodes=4)
+    strategy.start(InProcessGrid(app, 4), pack(start), num_rounds=3)
+    memory = strategy.protocol.memory
+    assert sorted(memory) == [f"partition {i}" for i in range(4)]
+    assert memory["partition 0"] < 0 < min(memory[f"partition {i}"] for i in (1, 2, 3))
+    assert all(s["num_clients_ok"] == 4 for s in strategy.round_stats.values())
+
+
 def test_the_server_rejects_an_unpacked_reply_as_a_bad_reply():
     from fedmeld.server.delta import DeltaProtocol
     from fedmeld.server.strategy import BadReply, parse_reply

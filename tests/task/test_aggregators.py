@@ -85,7 +85,7 @@ from fedmeld.server.delta import DeltaProtocol  # noqa: E402
 from fedmeld.server.strategy import Reply  # noqa: E402
 from fedmeld.task.aggregators import RuleSettings  # noqa: E402
 from fedmeld.task.aggregators.clipped import clip_factors  # noqa: E402
-from fedmeld.task.aggregators.direction import against, median_cosines  # noqa: E402
+from fedmeld.task.aggregators.direction import against, median_cosines, remembered  # noqa: E402
 from fedmeld.task.aggregators.effective import geometry  # noqa: E402
 from fedmeld.task.aggregators.krum import krum_scores  # noqa: E402
 from fedmeld.task.config import ConfigError, RunConfig  # noqa: E402
@@ -203,6 +203,78 @@ def test_direction_z_drops_only_outliers_below_the_rounds_cosines():
     assert cfg.aggregator.fn.keywords["settings"].direction_z == 2.0  # the key reaches the rule
     with pytest.raises(ConfigError, match="direction-z"):
         RunConfig.from_mapping({"direction-z": -1})
+
+
+# median cosines the H200 drill run logged (simulations/results/h200_2026-12-02/drills-direction/runs/
+# 2of8_iid_direction-clipped-mean_{sign-flip5,clean}_seed0/aggregator.log): 8 clients of ~68 BreastMNIST images,
+# partitions 0 and 1 send -5x their delta under sign flip; one row per round
+SIGN_FLIP_2OF8 = [[-0.106, -0.144, 0.0807, 0.0715, 0.112, 0.0807, 0.0971, 0.0871],
+                  [-0.132, -0.0836, 0.0912, 0.0356, 0.125, -0.0118, 0.11, 0.0356],
+                  [0.0131, 0.0238, -0.0175, -0.081, 0.0147, 0.0219, 0.0359, 0.0219],
+                  [-0.0719, -0.0136, 0.0203, 0.00945, 0.0184, 0.0318, 0.00971, 0.0257],
+                  [0.0432, 0.0419, 0.0719, -0.0276, 0.0432, 0.0998, 0.0405, 0.0996],
+                  [0.000505, 0.0142, 0.0236, -0.0297, 0.0907, 0.0389, 0.0142, 0.0722],
+                  [-0.0344, -0.0214, 0.00536, -0.0222, -0.00696, 0.0376, -0.0214, -0.0159],
+                  [0.0309, 0.00193, 0.00599, -0.0127, 0.0156, 0.0219, -0.0127, 0.035]]
+CLEAN_2OF8 = [[0.127, 0.144, 0.112, 0.0775, 0.112, 0.0807, 0.114, 0.102],
+              [0.173, 0.141, 0.198, 0.0861, 0.144, 0.0291, 0.124, 0.137],
+              [0.0228, 0.0361, 0.0269, -0.0237, 0.0196, 0.0253, 0.0036, 0.0143],
+              [0.212, 0.0762, 0.175, -0.0479, 0.212, 0.195, 0.234, 0.172],
+              [0.0749, 0.0656, 0.0656, 0.00935, 0.0528, 0.104, 0.0456, 0.0895],
+              [0.00406, 0.0259, 0.0325, -0.0314, 0.0219, 0.0325, 0.0566, 0.0622],
+              [0.0188, 0.0171, -0.0151, 0.0244, -0.000429, 0.0513, -0.000429, 0.0388],
+              [0.0647, 0.0647, 0.0232, -0.0269, 0.0669, 0.0357, 0.0267, 0.0374]]
+
+
+def _replay(rounds: list[list[float]], beta: float) -> list[list[int]]:
+    """What the rule drops each round (f = 2) when its clients' median cosines are ``rounds``."""
+    memory: dict[str, float] = {}
+    clients = [f"partition {i}" for i in range(8)]
+    return [against(remembered(torch.tensor(r, dtype=torch.float64), clients, memory, beta), 2) for r in rounds]
+
+
+def test_direction_memory_finds_attackers_that_single_rounds_miss():
+    """One round's cosines among 8 small clients miss the attackers (from round 3 the rule dropped honest
+    partitions 2, 3 and 6 and kept an attacker); their sum over rounds drops exactly partitions 0 and 1 in
+    every round, and in the clean run the sum drops nobody. β = 0 is the rule without memory."""
+    alone = _replay(SIGN_FLIP_2OF8, 0.0)
+    assert alone[:2] == [[0, 1], [0, 1]] and alone[2] == [2, 3] and sum(r == [0, 1] for r in alone) == 3
+    assert _replay(SIGN_FLIP_2OF8, 1.0) == [[0, 1]] * 8
+    assert _replay(SIGN_FLIP_2OF8, 0.8)[:5] == [[0, 1]] * 5  # forgets: a round 5 back counts 0.8^5 = 0.33
+    assert _replay(CLEAN_2OF8, 1.0) == [[]] * 8
+    assert sum(map(len, _replay(CLEAN_2OF8, 0.0))) == 6  # without memory it drops honest clients
+
+
+def test_direction_memory_is_kept_per_client_and_through_a_checkpoint(toy_state):
+    """The delta protocol hands the rule each reply's client and keeps the scores as protocol metadata:
+    a protocol restored from round 1's checkpoint aggregates round 2 as the uninterrupted one does."""
+    glob, honest = _lora_round(5)
+    flipped = {k: -5 * v for k, v in honest[0].items()}
+    rule = _rule("direction-clipped-mean", direction_memory=1.0)
+    rounds = [[*honest, flipped], [flipped, *honest]]  # the attacker replies first in round 2
+    clients = [[f"partition {i}" for i in range(6)], ["partition 5", *(f"partition {i}" for i in range(5))]]
+
+    def replies(i: int) -> list[Reply]:
+        return [Reply(node, d, 10.0, {}, partition=int(c.split()[1]))
+                for node, (d, c) in enumerate(zip(rounds[i], clients[i]))]
+
+    whole = DeltaProtocol(dict(glob), rule)
+    whole.aggregate(replies(0))
+    cosines = median_cosines(geometry(rounds[0], glob, SCALE, "x"))
+    assert whole.memory == {c: pytest.approx(v) for c, v in zip(clients[0], cosines.tolist())}
+    extra, meta = whole.extra_state()
+    resumed = DeltaProtocol(dict(glob), rule)
+    resumed.restore({k: v.clone() for k, v in whole.global_state().items()}, extra, meta)
+    for protocol in (whole, resumed):
+        protocol.aggregate(replies(1))
+    assert resumed.memory == whole.memory and whole.memory["partition 5"] < 2 * cosines[5].item() < 0
+    assert all(torch.equal(whole.state[k], resumed.state[k]) for k in whole.state)
+    with pytest.raises(ValueError, match="one client per reply"):
+        rule(rounds[0], [1.0] * 6, glob, ["partition 0"] * 6, {})
+    cfg = RunConfig.from_mapping({"aggregation": "direction-clipped-mean", "direction-memory": 0.5, "min-clients": 4})
+    assert cfg.aggregator.fn.keywords["settings"].direction_memory == 0.5  # the key reaches the rule
+    with pytest.raises(ConfigError, match="direction-memory"):
+        RunConfig.from_mapping({"direction-memory": 1.5})
 
 
 def test_scores_see_the_weight_update_not_the_factors():
