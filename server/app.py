@@ -59,6 +59,7 @@ def federate(grid: Grid, cfg: RunConfig) -> Path:
     strategy = FedmeldStrategy(protocol, min_replies=min(cfg.min_clients, cfg.num_clients), seed=cfg.seed,
                                round_offset=done, num_partitions=cfg.num_clients, fraction_train=cfg.fraction_train,
                                fraction_evaluate=cfg.fraction_train, min_train_nodes=1, min_evaluate_nodes=1,
+                               evaluate_every=cfg.client_eval_every, last_round=cfg.num_server_rounds,
                                min_available_nodes=min(cfg.min_clients, cfg.num_clients),
                                budget=PrivacyBudget.of(cfg, ledger))
 

@@ -273,7 +273,8 @@ class FedmeldStrategy(FedAvg):
     """FedAvg's sampling and messaging around a ``Protocol``, with bad replies dropped."""
 
     def __init__(self, protocol: Protocol, min_replies: int = 1, seed: int = 0, round_offset: int = 0,
-                 num_partitions: int | None = None, budget: PrivacyBudget | None = None, **kwargs) -> None:
+                 num_partitions: int | None = None, budget: PrivacyBudget | None = None, evaluate_every: int = 1,
+                 last_round: int | None = None, **kwargs) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
         self.protocol = protocol
         self.round_offset = round_offset  # a resumed run: Flower counts from 1 again, we continue
@@ -285,6 +286,8 @@ class FedmeldStrategy(FedAvg):
         self._partitions: dict[int, int] = {}  # node id -> partition id, as the node reported it
         self.num_partitions = num_partitions  # what the run config says; nodes that disagree end the run
         self.budget = budget  # DP: the ledger and the dp-max-epsilon check
+        self.evaluate_every = evaluate_every  # client-eval-every: rounds between client-side evaluations
+        self.last_round = last_round  # the run's last round (counted as the run counts), always evaluated
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, fraction: float, min_nodes: int,
                   message_type: str) -> list[Message]:
@@ -360,6 +363,8 @@ class FedmeldStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        if server_round % self.evaluate_every and server_round != self.last_round:
+            return []  # Flower's loop then sends nothing and aggregates no reply
         return self._messages(server_round, config, grid, self.fraction_evaluate, self.min_evaluate_nodes,
                               MessageType.EVALUATE)
 

@@ -143,6 +143,36 @@ def test_a_stateful_rule_remembers_clients_by_the_partition_they_declared():
     assert all(s["num_clients_ok"] == 4 for s in strategy.round_stats.values())
 
 
+def test_clients_evaluate_every_n_rounds_and_in_the_last(toy_state):
+    """client-eval-every 2 over 5 rounds: Flower's loop sends evaluate instructions in rounds 2, 4 and 5
+    only (the last always), and the rounds between record no client validation."""
+    from flwr.clientapp import ClientApp
+
+    from fedmeld.task.flower.inprocess import InProcessGrid
+
+    app, evaluated = ClientApp(), []
+
+    @app.train()
+    def train(msg, context):
+        delta = {k: torch.ones_like(v) for k, v in unpack(msg.content["arrays"]).items()}
+        return Message(RecordDict({"arrays": pack(delta), "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        evaluated.append(msg.content["config"]["server-round"])
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, "val_accuracy": 0.5})}),
+                       reply_to=msg)
+
+    start = toy_state(0)
+    strategy = FedmeldStrategy(DeltaProtocol(dict(start), weighted_mean), min_available_nodes=2, evaluate_every=2,
+                               last_round=5)
+    strategy.start(InProcessGrid(app, 2), pack(start), num_rounds=5)
+    assert sorted(evaluated) == [2, 2, 4, 4, 5, 5]
+    accuracy = [strategy.round_stats[r]["client_val_accuracy"] for r in range(1, 6)]
+    assert [math.isnan(a) for a in accuracy] == [True, False, True, False, False] and accuracy[1] == 0.5
+
+
 def test_the_server_rejects_an_unpacked_reply_as_a_bad_reply():
     from fedmeld.server.delta import DeltaProtocol
     from fedmeld.server.strategy import BadReply, parse_reply
