@@ -13,8 +13,8 @@ from functools import lru_cache
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedmeld.task.backbone_merge import (VERSION_KEY, Backbone, State, base_state, build_merge_model, checksum, client_round,
-                                         global_dense, load, snapshot, sync)
+from fedmeld.task.backbone_merge import (VERSION_KEY, Backbone, ServerStep, State, base_state, build_merge_model,
+                                         checksum, client_round, global_dense, load, snapshot, sync)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import Split, task_info
 from fedmeld.task.engine import Inputs, pick_device
@@ -22,6 +22,7 @@ from fedmeld.task.engine import evaluate as evaluate_model
 from fedmeld.task.wire import pack, payload_bytes, unpack
 
 BASE_KEY, SYNC_KEY = "fedmeld.backbone", "fedmeld.backbone-sync"  # this node's replica in context.state
+VELOCITY_KEY = "fedmeld.backbone-velocity"  # and its velocities, under server momentum
 
 
 def train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int) -> Message:
@@ -41,7 +42,7 @@ def evaluate(msg: Message, context: Context, cfg: RunConfig, data: Split) -> Mes
     """Sync to the round's global model (so every replica matches the server's), then evaluate it
     on the local validation split when there is one."""
     payload = unpack(msg.content["arrays"])
-    backbone = sync(_backbone(context, cfg), payload, int(msg.content["backbone"]["version"]))
+    backbone = sync(_backbone(context, cfg), payload, int(msg.content["backbone"]["version"]), ServerStep.of(cfg))
     _store(context, backbone)
     metrics = {"num-examples": len(data), VERSION_KEY: backbone.version, "base-checksum": checksum(backbone.base)}
     if len(data):
@@ -67,9 +68,12 @@ def _initial_base(cfg: RunConfig) -> State:
 def _backbone(context: Context, cfg: RunConfig) -> Backbone:
     if BASE_KEY not in context.state.array_records:
         return Backbone(_initial_base(cfg), 0)
-    return Backbone(unpack(context.state[BASE_KEY]), int(context.state[SYNC_KEY]["version"]))
+    velocity = unpack(context.state[VELOCITY_KEY]) if VELOCITY_KEY in context.state.array_records else {}
+    return Backbone(unpack(context.state[BASE_KEY]), int(context.state[SYNC_KEY]["version"]), velocity)
 
 
 def _store(context: Context, backbone: Backbone) -> None:
     context.state[BASE_KEY] = pack(backbone.base)
     context.state[SYNC_KEY] = ConfigRecord({"version": backbone.version})
+    if backbone.velocity:
+        context.state[VELOCITY_KEY] = pack(backbone.velocity)

@@ -11,9 +11,11 @@ import torch
 from flwr.app import ConfigRecord, Message
 from torch import nn
 
+from fedmeld.server.optimizers import ServerOptimizer
 from fedmeld.server.strategy import Protocol, Reply, State
-from fedmeld.task.backbone_merge import (VERSION_KEY, Backbone, BackboneMergeServer, base_state, build_merge_model, checksum,
-                                         dense_rule, dense_state, global_base, global_dense, load)
+from fedmeld.task.backbone_merge import (VERSION_KEY, Backbone, BackboneMergeServer, ServerStep, base_state,
+                                         build_merge_model, checksum, dense_rule, dense_state, global_base, global_dense,
+                                         global_velocity, load)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import TaskInfo
 
@@ -21,14 +23,18 @@ from fedmeld.task.data import TaskInfo
 class BackboneMergeProtocol(Protocol):
     required_metrics = (VERSION_KEY,)
 
-    def __init__(self, server: BackboneMergeServer) -> None:
+    def __init__(self, server: BackboneMergeServer, dense_opt: ServerOptimizer | None = None) -> None:
         self.server = server
+        self.dense_opt = dense_opt or ServerOptimizer()  # the dense tensors' server step (its moments checkpointed)
+        server.dense_step = self.dense_opt.step
         self.node_versions: dict[int, int] = {}  # what each node last reported: its catch-up starts there
         self._expected = {k: (shape, server.reply_dtypes()[k]) for k, shape in server.reply_shapes().items()}
 
     @classmethod
     def for_run(cls, cfg: RunConfig, model: nn.Module) -> BackboneMergeProtocol:
-        return cls(BackboneMergeServer(base_state(model), dense_state(model), dense_rule(cfg)))
+        dense_opt = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_beta1)
+        return cls(BackboneMergeServer(base_state(model), dense_state(model), dense_rule(cfg), ServerStep.of(cfg)),
+                   dense_opt)
 
     @staticmethod
     def build_model(cfg: RunConfig, info: TaskInfo) -> nn.Module:
@@ -75,14 +81,21 @@ class BackboneMergeProtocol(Protocol):
             load(model, global_base(state), global_dense(state))
 
     def extra_state(self) -> tuple[State, dict]:
-        return {}, {"version": self.server.version}
+        """The version, and under server momentum the backbone's velocities and the dense tensors' moments."""
+        moments = {f"dense-opt/{name}/{key}": t for name, m in self.dense_opt.state.items() for key, t in m.items()}
+        return {f"velocity/{k}": v for k, v in self.server.backbone.velocity.items()} | moments, \
+            {"version": self.server.version}
 
     def restore(self, global_state: State, extra: State, meta: dict) -> None:
         """The backbone at the checkpoint's version. Neither the update history nor the nodes'
         versions are kept (a node may have restarted too), so every node catches up with the whole
         backbone once."""
-        self.server.backbone = Backbone(global_base(global_state),
-                                        int(meta["version"]))
+        self.server.backbone = Backbone(global_base(global_state), int(meta["version"]), global_velocity(extra))
+        self.dense_opt.state = {}
+        for key, t in extra.items():
+            if key.startswith("dense-opt/"):
+                name, moment = key[len("dense-opt/"):].rsplit("/", 1)
+                self.dense_opt.state.setdefault(name, {})[moment] = t
         self.server.dense = global_dense(global_state)
         self.server.updates = {}
         self.node_versions = {}

@@ -22,6 +22,13 @@ the clients' changes, of rank <= Σ ranks. That pair is update v of the backbone
 clients apply it with the same function (``sync``). Dense deltas are combined by the run's rule
 when it is a delta rule (fedavg: the weighted mean), else by the weighted mean.
 
+Server momentum (``server-optimizer=momentum``, FedAvgM on the merged updates): a decaying sum of
+every past update has full rank and cannot travel as factors, so every node replicates it. Update v
+is still the factors U_v = B·A; each node keeps a velocity per wrapped weight and applies
+M ← β·M + U_v, W ← W + lr·M (``ServerStep``), the same operations in the same order as the server.
+A catch-up with the whole backbone carries the velocities too ("velocity/..." keys). The dense
+tensors live on the server alone and take the server optimizer's step as delta rules do.
+
 Catch-up rule: the server keeps every update and, per node, the version the node last reported.
 A node that is behind (it joined late or missed rounds) gets all the updates it missed, unless
 those weigh more bytes than the backbone; then it gets the backbone once ("base/..." keys). A new
@@ -33,8 +40,8 @@ server; ``factor/{layer}/B|A`` and ``dense/{name}`` from a client.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -91,24 +98,41 @@ def load(model: nn.Module, base: State, dense: State) -> None:
     reset_lte(model)
 
 
+@dataclass(frozen=True)
+class ServerStep:
+    """How merged update U moves the backbone: M ← momentum·M + U, W ← W + lr·M (momentum 0, lr 1: W += U)."""
+
+    lr: float = 1.0
+    momentum: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> ServerStep:
+        return cls(cfg.server_lr, cfg.server_beta1 if cfg.server_optimizer == "momentum" else 0.0)
+
+
 @dataclass
 class Backbone:
-    """A node's copy of the global backbone (the wrapped weights) and the server version it equals."""
+    """A node's copy of the global backbone (the wrapped weights), the server version it equals and,
+    under server momentum, the velocity of every wrapped weight."""
 
     base: State
     version: int
+    velocity: State = field(default_factory=dict)
 
 
 class StaleBackbone(RuntimeError):
     """The broadcast does not reach back to this backbone's version; the server must send a full base."""
 
 
-def sync(backbone: Backbone, payload: State, target: int) -> Backbone:
-    """Bring ``backbone`` to version ``target``: take a full base, or apply each missed update
-    (``update/{v}/{layer}/B`` and ``/A``, v = version + 1 .. target) as weight += B @ A."""
+def sync(backbone: Backbone, payload: State, target: int, step: ServerStep = ServerStep()) -> Backbone:
+    """Bring ``backbone`` to version ``target``: take a full base (and velocities), or apply each missed
+    update (``update/{v}/{layer}/B`` and ``/A``, v = version + 1 .. target) with ``step``: weight += B @ A
+    by default. Every update holds every wrapped layer (``BackboneMergeServer.aggregate``)."""
     if any(k.startswith("base/") for k in payload):
-        return Backbone({k: v.clone() for k, v in global_base(payload).items()}, target)
+        return Backbone({k: v.clone() for k, v in global_base(payload).items()}, target,
+                        {k: v.clone() for k, v in global_velocity(payload).items()})
     base = {k: v.clone() for k, v in backbone.base.items()}
+    velocity = {k: v.clone() for k, v in backbone.velocity.items()}
     for v in range(backbone.version + 1, target + 1):
         prefix = f"update/{v}/"
         layers = {k[len(prefix):-2] for k in payload if k.startswith(prefix)}
@@ -117,12 +141,24 @@ def sync(backbone: Backbone, payload: State, target: int) -> Backbone:
         for layer in layers:
             w = base[f"{layer}.weight"]
             b, a = payload[f"{prefix}{layer}/B"], payload[f"{prefix}{layer}/A"]
-            w += (b.to(w) @ a.flatten(1).to(b)).view_as(w)
-    return Backbone(base, target)
+            update = (b.to(w) @ a.flatten(1).to(b)).view_as(w)  # (out, in...) like the weight
+            if step.momentum:
+                m = velocity.setdefault(f"{layer}.weight", torch.zeros_like(w))
+                m.mul_(step.momentum).add_(update)
+                w.add_(m, alpha=step.lr)
+            elif step.lr != 1:
+                w.add_(update, alpha=step.lr)
+            else:
+                w += update
+    return Backbone(base, target, velocity)
 
 
 def global_base(payload: State) -> State:
     return {k[5:]: v for k, v in payload.items() if k.startswith("base/")}
+
+
+def global_velocity(payload: State) -> State:
+    return {k[9:]: v for k, v in payload.items() if k.startswith("velocity/")}
 
 
 def global_dense(payload: State) -> State:
@@ -133,7 +169,7 @@ def client_round(model: nn.Module, backbone: Backbone, payload: State, target: i
                  cfg: RunConfig, device: torch.device, seed: int,
                  server_round: int = 1) -> tuple[Backbone, State, dict[str, float]]:
     """Sync, train, and return the synced backbone, the reply tensors and the training stats."""
-    backbone = sync(backbone, payload, target)
+    backbone = sync(backbone, payload, target, ServerStep.of(cfg))
     dense = global_dense(payload)
     load(model, backbone.base, dense)
     stats = train_lte(model.to(device), data, info, cfg, epochs=cfg.local_epochs, device=device, seed=seed,
@@ -157,10 +193,13 @@ def dense_rule(cfg: RunConfig) -> AggregateFn:
 class BackboneMergeServer:
     """The global backbone, its update history and the global dense tensors."""
 
-    def __init__(self, base: State, dense: State, dense_rule: AggregateFn = weighted_mean) -> None:
+    def __init__(self, base: State, dense: State, dense_rule: AggregateFn = weighted_mean,
+                 step: ServerStep = ServerStep(), dense_step: Callable[[State], State] = lambda d: d) -> None:
         self.backbone = Backbone(snapshot(base), 0)
         self.dense = snapshot(dense)
         self.dense_rule = dense_rule
+        self.step = step  # the backbone's server step, replicated on every node
+        self.dense_step = dense_step  # the dense tensors' server step (the server optimizer's), on the server only
         self.updates: dict[int, State] = {}  # version -> "update/{v}/{layer}/B|A" factors
 
     @property
@@ -185,7 +224,8 @@ class BackboneMergeServer:
         """What a node at ``node_version`` needs for the current version, and the catch-up bytes
         (anything beyond the latest update)."""
         needed = range(node_version + 1, self.version + 1)
-        base = {f"base/{k}": v for k, v in self.backbone.base.items()}
+        base = {f"base/{k}": v for k, v in self.backbone.base.items()} | \
+            {f"velocity/{k}": v for k, v in self.backbone.velocity.items()}
         if all(n in self.updates for n in needed):
             missed = {k: v for n in needed for k, v in self.updates[n].items()}
             sync_part = base if nbytes(missed) > nbytes(base) else missed
@@ -202,7 +242,7 @@ class BackboneMergeServer:
         stacked = stacked_product_mean([{k[7:]: v for k, v in d.items() if k.startswith("factor/")}
                                         for d, _ in replies], weights)
         self.updates[version] = {f"update/{version}/{k}": v for k, v in stacked.items()}
-        self.backbone = sync(self.backbone, self.updates[version], version)
+        self.backbone = sync(self.backbone, self.updates[version], version, self.step)
         deltas = [{k[6:]: v for k, v in d.items() if k.startswith("dense/")} for d, _ in replies]
-        step = self.dense_rule(deltas, weights)
+        step = self.dense_step(self.dense_rule(deltas, weights))
         self.dense = {k: (v + step[k]).to(v.dtype) for k, v in self.dense.items()}

@@ -392,12 +392,13 @@ class RunConfig:
         if self.protocol == "backbone-merge":
             unsupported = {"proximal-mu": self.proximal_mu != 0, "local-params": bool(self.local_params),
                            "lora-dropout": self.lora_dropout != 0, "optimizer": self.optimizer != "adamw",
-                           "server-optimizer": self.server_optimizer != "sgd", "server-lr": self.server_lr != 1}
+                           f"server-optimizer={self.server_optimizer}": self.server_optimizer not in ("sgd", "momentum")}
             bad = [k for k, on in unsupported.items() if on]
             if bad:
                 raise ConfigError(f"peft={self.peft} with aggregation={self.aggregation} merges the mean low-rank "
-                                  f"update into the backbone as is; it does not support {', '.join(bad)}: reset "
-                                  f"them to their defaults or use a delta rule such as fedavg with a plain adapter")
+                                  f"update into a backbone every node replicates (server-optimizer sgd or momentum); "
+                                  f"it does not support {', '.join(bad)}: reset them to their defaults or use a "
+                                  f"delta rule such as fedavg with a plain adapter")
 
     def _check_privacy(self, parts: set[str]) -> None:
         """DP keys that only mean something together, and what DP-SGD and client-level DP support."""

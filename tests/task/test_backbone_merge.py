@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedmeld.peft.lte import lte_layers
-from fedmeld.task.backbone_merge import (Backbone, BackboneMergeServer, base_state, build_merge_model, client_round,
-                                         dense_state, snapshot, sync)
+from fedmeld.task.backbone_merge import (Backbone, BackboneMergeServer, ServerStep, base_state, build_merge_model,
+                                         client_round, dense_state, snapshot, sync)
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import load_split, task_info
 from fedmeld.task.engine import adamw
@@ -74,6 +74,80 @@ def test_server_aggregate_is_the_weighted_mean_of_client_products():
     expected = sum(w * (d["factor/l/B"] @ d["factor/l/A"]) for d, w in clients) / 4
     torch.testing.assert_close(server.backbone.base["l.weight"], expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(server.dense["r"], (clients[0][0]["dense/r"] + 3 * clients[1][0]["dense/r"]) / 4)
+
+
+def test_server_momentum_is_replicated_by_every_node_however_it_catches_up():
+    """server-optimizer=momentum on the merged updates: the backbone follows FedAvgM (M = β·M + U,
+    W += lr·M) computed by hand; a node synced every round, one that missed two rounds (catch-up
+    from the factors) and a new one after the history was dropped (the base with its velocities)
+    all end equal to the server, and only factors cross in the first two cases."""
+    step = ServerStep(lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    start = {"l.weight": torch.randn(16, 24, generator=g)}
+    server = BackboneMergeServer(start, {"r": torch.zeros(2)}, step=step)
+    every, late = Backbone(snapshot(start), 0), Backbone(snapshot(start), 0)
+    w, m = start["l.weight"].double(), torch.zeros(16, 24, dtype=torch.float64)
+    for rnd in range(1, 5):
+        replies = [({"factor/l/B": torch.randn(16, 2, generator=g), "factor/l/A": torch.randn(2, 24, generator=g),
+                     "dense/r": torch.randn(2, generator=g)}, weight) for weight in (1.0, 3.0)]
+        server.aggregate(replies)
+        u = sum(weight * (d["factor/l/B"] @ d["factor/l/A"]).double() for d, weight in replies) / 4
+        m = 0.9 * m + u
+        w = w + 0.5 * m
+        payload, _ = server.payload(every.version)
+        assert all(k.startswith(("update/", "dense/")) for k in payload)
+        every = sync(every, payload, server.version, step)
+        if rnd == 4:  # missed rounds 2 and 3 (after syncing round 1)
+            payload, _ = server.payload(late.version)
+            assert {k.split("/")[1] for k in payload if k.startswith("update/")} == {"2", "3", "4"}
+        late = sync(late, server.payload(late.version)[0], server.version, step) if rnd in (1, 4) else late
+    torch.testing.assert_close(server.backbone.base["l.weight"].double(), w, rtol=0, atol=1e-5)
+    torch.testing.assert_close(server.backbone.velocity["l.weight"].double(), m, rtol=0, atol=1e-5)
+    server.updates = {}  # a resumed server keeps no history: a new node gets the base and the velocities
+    payload, _ = server.payload(0)
+    assert {k.split("/")[0] for k in payload} == {"base", "velocity", "dense"}
+    fresh = sync(Backbone(snapshot(start), 0), payload, server.version, step)
+    for replica in (every, late, fresh):
+        assert all(torch.equal(replica.base[k], v) for k, v in server.backbone.base.items())
+        assert all(torch.equal(replica.velocity[k], v) for k, v in server.backbone.velocity.items())
+    # the default step (sgd, lr 1) keeps no velocity and adds the update as it always did
+    plain = BackboneMergeServer(start, {"r": torch.zeros(2)})
+    plain.aggregate(replies)
+    mean = sum(weight * d["factor/l/B"] @ d["factor/l/A"] for d, weight in replies) / 4
+    torch.testing.assert_close(plain.backbone.base["l.weight"], start["l.weight"] + mean, rtol=0, atol=1e-6)
+    assert plain.backbone.velocity == {}
+
+
+def test_server_momentum_survives_a_checkpoint():
+    """The protocol's checkpoint holds the backbone's velocities and the dense tensors' moments: a protocol
+    restored after round 2 aggregates round 3 exactly as the uninterrupted one."""
+    from fedmeld.server.backbone_merge import BackboneMergeProtocol
+    from fedmeld.server.optimizers import ServerOptimizer
+    from fedmeld.server.strategy import Reply
+
+    g = torch.Generator().manual_seed(1)
+    start = {"l.weight": torch.randn(8, 12, generator=g)}
+
+    def protocol() -> BackboneMergeProtocol:
+        server = BackboneMergeServer(start, {"r": torch.zeros(3)}, step=ServerStep(lr=0.7, momentum=0.8))
+        return BackboneMergeProtocol(server, ServerOptimizer("momentum", 0.7, 0.8))
+
+    rounds = [[Reply(n, {"factor/l/B": torch.randn(8, 2, generator=g), "factor/l/A": torch.randn(2, 12, generator=g),
+                         "dense/r": torch.randn(3, generator=g)}, 2.0, {"backbone-version": r}) for n in range(2)]
+              for r in range(3)]
+    whole = protocol()
+    for replies in rounds[:2]:
+        whole.aggregate(replies)
+    extra, meta = whole.extra_state()
+    assert {k.split("/")[0] for k in extra} == {"velocity", "dense-opt"}
+    resumed = protocol()
+    resumed.restore({k: v.clone() for k, v in whole.global_state().items()}, {k: v.clone() for k, v in extra.items()},
+                    meta)  # as a checkpoint file holds them: copies
+    for p in (whole, resumed):
+        p.aggregate(rounds[2])
+    for key, value in whole.global_state().items():
+        assert torch.equal(resumed.global_state()[key], value), key
+    assert torch.equal(resumed.server.backbone.velocity["l.weight"], whole.server.backbone.velocity["l.weight"])
 
 
 def test_exact_merges_mixed_ranks_into_the_backbone(client_factors):
