@@ -440,6 +440,10 @@ class RunConfig:
                               f"is then recorded, not applied) and num-clients x fraction-train >= {need}, or lower "
                               f"robust-f (got num-clients={self.num_clients}, fraction-train={self.fraction_train}, "
                               f"min-clients={self.min_clients})")
+        if self.direction_memory and (self.aggregation != "direction-clipped-mean" or self.protocol != "delta"):
+            raise ConfigError(f"direction-memory keeps per-client scores of direction-clipped-mean under the delta "
+                              f"protocol; got aggregation={self.aggregation!r}, peft={self.peft!r}: set "
+                              f"aggregation=direction-clipped-mean with a delta adapter, or direction-memory=0")
         attackers = parse_attackers(self.attackers)
         if self.attack != "none" and not attackers:
             raise ConfigError(f"attack={self.attack} needs attackers, the partition ids that run it (e.g. attackers=0)")

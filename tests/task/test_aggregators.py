@@ -273,8 +273,10 @@ def test_direction_memory_is_kept_per_client_and_through_a_checkpoint(toy_state)
         rule(rounds[0], [1.0] * 6, glob, ["partition 0"] * 6, {})
     cfg = RunConfig.from_mapping({"aggregation": "direction-clipped-mean", "direction-memory": 0.5, "min-clients": 4})
     assert cfg.aggregator.fn.keywords["settings"].direction_memory == 0.5  # the key reaches the rule
-    with pytest.raises(ConfigError, match="direction-memory"):
-        RunConfig.from_mapping({"direction-memory": 1.5})
+    for bad in ({"direction-memory": 1.5}, {"direction-memory": 1.0},  # out of range; fedavg keeps no scores
+                {"direction-memory": 1.0, "aggregation": "direction-clipped-mean", "peft": "lte", "min-clients": 4}):
+        with pytest.raises(ConfigError, match="direction-memory"):
+            RunConfig.from_mapping(bad)
 
 
 def test_scores_see_the_weight_update_not_the_factors():
