@@ -34,7 +34,7 @@ def train(msg: Message, context: Context, cfg: RunConfig, data: Split, seed: int
     _store(context, backbone)
     arrays = pack(reply)
     metrics = MetricRecord({"num-examples": len(data), **stats, VERSION_KEY: backbone.version,
-                            "bytes_sent": payload_bytes(arrays)})
+                            "base-checksum": checksum(backbone.base), "bytes_sent": payload_bytes(arrays)})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -28,6 +28,7 @@ class BackboneMergeProtocol(Protocol):
         self.dense_opt = dense_opt or ServerOptimizer()  # the dense tensors' server step (its moments checkpointed)
         server.dense_step = self.dense_opt.step
         self.node_versions: dict[int, int] = {}  # what each node last reported: its catch-up starts there
+        self._diffs: list[float] = []  # this round's replica checks from the train replies
         self._expected = {k: (shape, server.reply_dtypes()[k]) for k, shape in server.reply_shapes().items()}
 
     @classmethod
@@ -62,8 +63,18 @@ class BackboneMergeProtocol(Protocol):
             self.node_versions[r.node_id] = int(r.metrics[VERSION_KEY])
         self.server.aggregate([(r.state, r.weight) for r in replies])
 
+    def observe_train(self, replies: list[Reply]) -> dict[str, float]:
+        """The largest relative difference of the backbone a client trained from (its reply's checksum) from
+        the server's, which is at that version until these replies are merged: the check of every round,
+        also those without client evaluation (client-eval-every)."""
+        reference = checksum(self.server.backbone.base)
+        self._diffs = [abs(float(r.metrics["base-checksum"]) - reference) / reference for r in replies
+                       if "base-checksum" in r.metrics and int(r.metrics[VERSION_KEY]) == self.server.version]
+        return {"backbone_checksum_rel_diff": max(self._diffs)} if self._diffs else {}
+
     def observe_evaluation(self, replies: list[Message]) -> dict[str, float]:
-        """Node versions, and the largest relative difference of a client's backbone from the server's."""
+        """Node versions, and the largest relative difference of a client's backbone from the server's, over
+        this round's train and evaluate replies (none without evaluate replies: the train check stands)."""
         reference = checksum(self.server.backbone.base)
         diffs = []
         for msg in replies:
@@ -71,7 +82,8 @@ class BackboneMergeProtocol(Protocol):
             if VERSION_KEY in metrics and "base-checksum" in metrics:
                 self.node_versions[msg.metadata.src_node_id] = int(metrics[VERSION_KEY])
                 diffs.append(abs(float(metrics["base-checksum"]) - reference) / reference)
-        return {"backbone_checksum_rel_diff": max(diffs, default=math.nan)}
+        diffs, self._diffs = diffs + self._diffs, []
+        return {"backbone_checksum_rel_diff": max(diffs, default=math.nan)} if replies else {}
 
     def load_into(self, model: nn.Module, state: State | None = None) -> None:
         """The backbone and dense tensors (heads reset: nothing pending)."""

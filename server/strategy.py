@@ -158,6 +158,11 @@ class Protocol(ABC):
         raises ValueError for tensors that cannot be."""
         return state
 
+    def observe_train(self, replies: list[Reply]) -> dict[str, float]:
+        """Round stats from the good train replies, before they are aggregated (e.g. whether every replica
+        a client trained from equals the server's)."""
+        return {}
+
     @abstractmethod
     def aggregate(self, replies: list[Reply]) -> None:
         """Turn the round's good replies into the next global model."""
@@ -411,6 +416,7 @@ class FedmeldStrategy(FedAvg):
             log.warning("round %d: %d usable replies, fewer than min-clients %d; the global model is unchanged",
                         server_round, len(good), self.min_replies)
             return None, None
+        stats.update(self.protocol.observe_train([r for _, r in good]))
         self.protocol.aggregate([r for _, r in good])
         stats["applied"] = True
         if self.budget is not None:  # client-level DP charged its release while aggregating

@@ -293,10 +293,11 @@ class RunConfig:
     fraction_train: float = _key(1.0, "Fraction of connected clients sampled each round.",
                                  check=_fraction[0], rule=_fraction[1])
     client_eval_every: int = _key(1, "Rounds between the clients' evaluations of the global model on their local "
-                                  "validation splits (client_val_accuracy; under exact/LTE also the replica check), "
+                                  "validation splits (client_val_accuracy), "
                                   "and always the last round. Each is a second message to every node: in a "
                                   "deployment it costs about as much as a small model's training (README: speed). "
-                                  "The server's own val/test evaluation, which selects the round, runs every round.",
+                                  "The server's own val/test evaluation, which selects the round, and under "
+                                  "exact/LTE the replica check (also on the train replies) run every round.",
                                   check=_positive[0], rule=_positive[1])
     min_clients: int = _key(2, "Minimum connected clients before a round starts (deployment), and minimum usable "
                                "train replies for a round to change the global model (fewer: the round is "

@@ -71,9 +71,10 @@ PROTOCOL_CASES = {
     "fedavg": {"peft": "lora+norm", "aggregation": "fedavg"},
     "exact": {"peft": "lora+norm", "aggregation": "exact"},
     "lte": {"peft": "lte", "lte-heads": 2, "lora-rank": 2, "batch-size": 16},
-    # server momentum on the merged updates: every replica keeps the velocities in its context.state
+    # server momentum on the merged updates: every replica keeps the velocities in its context.state; clients
+    # evaluate only in round 2, so round 1's replica check comes from the train replies
     "lte-momentum": {"peft": "lte", "lte-heads": 2, "lora-rank": 2, "batch-size": 16,
-                     "server-optimizer": "momentum", "server-lr": 0.5},
+                     "server-optimizer": "momentum", "server-lr": 0.5, "client-eval-every": 2},
 }
 
 
@@ -121,6 +122,8 @@ def test_malformed_replies_are_rejected_and_the_round_completes(case, sabotaged_
         assert sum(why in line for line in log.splitlines() if "rejected reply" in line) == 2, (why, log)
     if case != "fedavg":  # the honest client's update was merged and every replica still equals the server's
         assert all(r["backbone_checksum_rel_diff"] < 1e-9 for r in rounds)
+    evaluated = [r["client_val_accuracy"] == r["client_val_accuracy"] for r in rounds]  # not NaN
+    assert evaluated == ([False, True] if cfg.client_eval_every == 2 else [True, True])
 
 
 def test_every_protocol_records_the_same_round_keys(sabotaged_runs):
