@@ -231,8 +231,8 @@ class RunConfig:
                          "round with fewer usable replies is recorded and not applied.", check=_non_negative[0],
                          rule=_non_negative[1])
     clip_norm: float = _key(0.0, "clipped-mean and direction-clipped-mean: bound on each client's effective update "
-                            "norm (s·B·A per LoRA layer, other adapter tensors as they are); 0: the median of the "
-                            "round's norms (of the replies kept).",
+                            "norm (s·B·A per LoRA layer, other trained tensors as they are, BatchNorm statistics "
+                            "left out); 0: the median of the round's norms (of the replies kept).",
                             check=_non_negative[0], rule=_non_negative[1])
     direction_z: float = _key(0.0, "direction-clipped-mean: drop a reply only if its median cosine is negative and more "
                               "than this many robust standard deviations (1.4826 x MAD of the round's median cosines) "

@@ -33,7 +33,7 @@ class Geometry:
     gram: torch.Tensor  # (n, n): ⟨v_i, v_j⟩
     first_gram: torch.Tensor  # (n, n): ⟨u_i, u_j⟩ over trained tensors (BatchNorm statistics left out): the
     # direction a reply trains in, which flips sign with the deltas
-    first: torch.Tensor  # (n,): ‖u_k‖², dense deltas included
+    first: torch.Tensor  # (n,): ‖u_k‖² over trained tensors, dense deltas included (BatchNorm statistics left out)
     cross: torch.Tensor  # (n,): ⟨u_k, w_k⟩
     second: torch.Tensor  # (n,): ‖w_k‖²
 
@@ -44,8 +44,10 @@ class Geometry:
         return (sq[:, None] + sq[None, :] - 2 * self.gram).clamp_min(0).fill_diagonal_(0)
 
     def norms(self, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """(n,) ‖v_k‖ when client k's deltas are all multiplied by ``scale[k]``: u scales with it,
-        w with its square, so ‖v‖² = λ²‖u‖² + 2λ³⟨u, w⟩ + λ⁴‖w‖²."""
+        """(n,) ‖v_k‖ over the trained tensors when client k's deltas are all multiplied by ``scale[k]``: u
+        scales with it, w with its square, so ‖v‖² = λ²‖u‖² + 2λ³⟨u, w⟩ + λ⁴‖w‖². BatchNorm statistics are
+        left out: their deltas are large and honest even from an attacker (task/attacks.py), so in the norm
+        they hid a reply's ×10 trained update behind the honest clients' (clip factor 0.47, not ≈ 0.1)."""
         lam = torch.as_tensor(scale, dtype=torch.float64)
         sq = lam ** 2 * self.first + 2 * lam ** 3 * self.cross + lam ** 4 * self.second
         return sq.clamp_min(0).sqrt()
@@ -99,9 +101,9 @@ def geometry(deltas: Sequence[Delta], global_state: Delta | None, scaling: float
         if name not in paired and deltas[0][name].is_floating_point():
             flat = torch.stack([d[name].double().flatten() for d in deltas])  # (n, numel)
             gram += flat @ flat.T
-            if not name.endswith(BN_STATISTICS):  # statistics are not a direction of training
+            if not name.endswith(BN_STATISTICS):  # statistics are not trained: neither a direction nor a step size
                 first_gram += flat @ flat.T
-            first += flat.square().sum(1)
+                first += flat.square().sum(1)
     return Geometry(gram, first_gram, first, cross, second)
 
 

@@ -160,6 +160,26 @@ def test_clipped_mean_bounds_each_clients_effective_update():
     assert (adaptive[norms <= norms.median()] == 1).all() and (adaptive[norms > norms.median()] < 1).all()
 
 
+def test_the_clip_bounds_what_trains_not_the_batchnorm_statistics():
+    """Running variances travel honest even from an attacker (task/attacks.py) and their deltas dwarf the
+    trained ones; the norm the bound applies to leaves them out, so a reply scaled ×10 is clipped to the
+    honest trained norm (factor ≈ 0.1), not let through at several times it behind the statistics."""
+    glob, honest = _lora_round(4)
+    g = torch.Generator().manual_seed(3)
+    stats = [{"bn.running_var": 50 * torch.randn(64, generator=g), "bn.running_mean": torch.randn(64, generator=g)}
+             for _ in range(5)]
+    scaled10 = {**{k: 10 * v for k, v in honest[0].items()}, "bn.running_mean": 10 * stats[4]["bn.running_mean"],
+                "bn.running_var": stats[4]["bn.running_var"]}
+    deltas = [{**d, **st} for d, st in zip(honest, stats)] + [scaled10]
+    geo = geometry(deltas, glob, SCALE, "clipped-mean")
+    trained = torch.stack([_effective(d, glob).norm() for d in [*honest, {k: 10 * v for k, v in honest[0].items()}]])
+    torch.testing.assert_close(geo.norms(), trained)  # the statistics are not in it
+    lam = clip_factors(geo, float(trained[:4].max()))
+    assert lam[:4].tolist() == [1.0] * 4 and lam[4] < 0.12
+    with_stats = (geo.gram.diagonal().sqrt() / trained)  # the whole update's norm: the statistics dominate it
+    assert (with_stats > 5).all()
+
+
 def test_direction_clipped_mean_drops_a_sign_flipped_reply_and_clips_the_rest():
     """A reply that points against the others (−5× an honest update) is dropped, where clipped-mean
     only shrinks it to the median norm and keeps its pull; with nobody against, it is clipped-mean."""
