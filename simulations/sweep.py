@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeld.simulations.report import read_run, runs_table
-from fedmeld.task.config import ConfigError, RunConfig, parse_pairs
+from fedmeld.task.config import ConfigError, RunConfig, defaults, parse_pairs
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 RESULT_KEYS = ("final_test_accuracy", "final_test_auc", "selected_round", "selected_test_accuracy",
@@ -97,7 +97,9 @@ def plan(grid: dict[str, Any], out: Path, seeds: list[int] | None = None) -> lis
 
 def same_run(done: dict[str, Any], planned: dict[str, Any]) -> bool:
     """Whether a finished run's config is the planned one. ``out`` (where the sweep folder lay when the run
-    wrote it) is left out, so a sweep folder copied to another path or machine still skips its finished runs."""
+    wrote it) is left out, so a sweep folder copied to another path or machine still skips its finished runs;
+    a key added to fedmeld since the run counts with its default (as a resumed checkpoint does)."""
+    done = {**defaults(), **done}
     return {k: v for k, v in done.items() if k != "out"} == {k: v for k, v in planned.items() if k != "out"}
 
 

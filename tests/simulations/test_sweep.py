@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
-from fedmeld.task.config import ConfigError
-from fedmeld.simulations.sweep import PRESETS, expand, main, plan
+from fedmeld.simulations.sweep import PRESETS, expand, main, plan, same_run
+from fedmeld.task.config import ConfigError, RunConfig
 
 
 def test_grid_expands_to_the_product_of_its_axes(tmp_path):
@@ -40,6 +40,16 @@ def test_report_only_without_finished_runs_says_so(tmp_path, capsys):
         main(["--grid", str(grid), "--out", str(tmp_path / "none"), "--report-only"])
     assert "no finished run of this grid" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_a_finished_run_from_before_a_key_existed_is_the_same_run():
+    """A key added to fedmeld since a run finished counts with its default (a sweep continued after an
+    upgrade skips its finished runs); a real difference, or the new key set otherwise, is another run."""
+    planned = RunConfig.from_mapping({"num-clients": 3}).to_flower()
+    older = {k: v for k, v in planned.items() if k not in ("client-eval-every", "direction-memory")}
+    assert same_run({**older, "out": "/elsewhere"}, planned)
+    assert not same_run({**older, "num-clients": 4}, planned)
+    assert not same_run(older, {**planned, "client-eval-every": 2})
 
 
 def test_sweep_writes_tables_and_resumes(medmnist_root, tmp_path, capsys):
