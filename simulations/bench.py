@@ -98,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also measure where a federated round's time goes (run-config overrides on top of "
                         "simulations.scaling's defaults: 8 clients, PneumoniaMNIST at 224 px, ViT-S, LoRA, 1 local "
                         "epoch): each client's train + evaluate in a bare loop, then the same job under the in-process "
-                        "simulation Grid and under the deployment runtime (SuperLink + SuperNodes on localhost), "
-                        "traced hop by hop (fedmeld.task.trace)")
+                        "simulation Grid and under the deployment runtime (SuperLink + SuperNodes on localhost; its "
+                        "state on disk and in memory), each also with client-eval-every = the rounds (no evaluate "
+                        "phase but the last round's), traced hop by hop (fedmeld.task.trace)")
     p.add_argument("--out", default="bench.json", help="JSON output path")
     args = p.parse_args(argv)
     args.product_compile = args.product_compile or ["off", *(["cudagraphs"] if args.device.startswith("cuda") else [])]
@@ -453,12 +454,19 @@ def federation(overrides: list[str], out: Path) -> dict:
     bare = bare_clients(job)
     result = {"job": job, "bare_clients": bare}
     deploy = ["fedmeld.simulations.deploy", "--supernodes", str(n)]
-    commands = {"simulation": ["fedmeld.simulations.run", "--backend", "inprocess"],
+    simulate = ["fedmeld.simulations.run", "--backend", "inprocess"]
+    rounds = int(next(o.split("=")[1] for o in reversed(job) if o.startswith("num-server-rounds=")))
+    eval_last = [f"client-eval-every={rounds}"]  # no evaluate phase but in the last round
+    commands = {"simulation": simulate,
+                "simulation_eval_last": [*simulate, *eval_last],
                 "deployment": deploy,  # the SuperLink's state on disk (the default, survives a restart)
-                "deployment_memory": [*deploy, "--superlink-state", "memory"]}
+                "deployment_memory": [*deploy, "--superlink-state", "memory"],
+                "deployment_memory_eval_last": [*deploy, "--superlink-state", "memory", *eval_last]}
     for runtime, command in commands.items():
         name = f"{runtime}-{stamp}"
-        measured = federated_rounds([*command, *job, f'run-name="{name}"'], runs / name, runs / f"{name}.trace.jsonl")
+        options, keys = [c for c in command if "=" not in c], [c for c in command if "=" in c]
+        measured = federated_rounds([*options, *job, *keys, f'run-name="{name}"'], runs / name,
+                                    runs / f"{name}.trace.jsonl")
         if "steady_round_s" in measured:
             measured["round_over_slowest"] = round(measured["steady_round_s"] / bare["slowest_s"], 2)
         result[runtime] = measured

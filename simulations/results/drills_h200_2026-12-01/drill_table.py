@@ -29,10 +29,12 @@ from fedmeld.simulations.report import read_run
 from fedmeld.simulations.sweep import mean_std
 
 RULES = ("fedavg", "median", "trimmed-mean", "krum", "clipped-mean", "direction-clipped-mean",
-         "direction-z2")  # the last: direction-clipped-mean with direction-z 2 (../h200_2026-12-02/drills_direction.toml)
+         "direction-z2",  # direction-clipped-mean with direction-z 2 (../h200_2026-12-02/drills_direction.toml)
+         "direction-memory1")  # with direction-memory 1 (../drills_memory_cpu_2026-12-05/grid.toml)
 ATTACKS = {"clean": "clean", "sign-flip5": "sign flip ×5", "scale10": "scaled ×10", "label-flip": "label flip"}
 BLOCKS = {"1of5_iid": "1 attacker of 5, IID", "1of5_dir0.5": "1 attacker of 5, Dirichlet 0.5",
-          "2of8_iid": "2 attackers of 8, IID", "2of8_dir0.5": "2 attackers of 8, Dirichlet 0.5"}
+          "2of8_iid": "2 attackers of 8, IID", "2of8_dir0.5": "2 attackers of 8, Dirichlet 0.5",
+          "1of5": "1 attacker of 5, IID", "2of8": "2 attackers of 8, IID"}  # grids with partition in [base]
 
 
 def seeds(runs: Path, config: str) -> list[Path]:
