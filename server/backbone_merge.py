@@ -26,7 +26,6 @@ class BackboneMergeProtocol(Protocol):
     def __init__(self, server: BackboneMergeServer, dense_opt: ServerOptimizer | None = None) -> None:
         self.server = server
         self.dense_opt = dense_opt or ServerOptimizer()  # the dense tensors' server step (its moments checkpointed)
-        server.dense_step = self.dense_opt.step
         self.node_versions: dict[int, int] = {}  # what each node last reported: its catch-up starts there
         self._diffs: list[float] = []  # this round's replica checks from the train replies
         self._expected = {k: (shape, server.reply_dtypes()[k]) for k, shape in server.reply_shapes().items()}
@@ -61,7 +60,7 @@ class BackboneMergeProtocol(Protocol):
     def aggregate(self, replies: list[Reply]) -> None:
         for r in replies:
             self.node_versions[r.node_id] = int(r.metrics[VERSION_KEY])
-        self.server.aggregate([(r.state, r.weight) for r in replies])
+        self.server.aggregate([(r.state, r.weight) for r in replies], self.dense_opt.step)
 
     def observe_train(self, replies: list[Reply]) -> dict[str, float]:
         """The largest relative difference of the backbone a client trained from (its reply's checksum) from
@@ -94,20 +93,15 @@ class BackboneMergeProtocol(Protocol):
 
     def extra_state(self) -> tuple[State, dict]:
         """The version, and under server momentum the backbone's velocities and the dense tensors' moments."""
-        moments = {f"dense-opt/{name}/{key}": t for name, m in self.dense_opt.state.items() for key, t in m.items()}
-        return {f"velocity/{k}": v for k, v in self.server.backbone.velocity.items()} | moments, \
-            {"version": self.server.version}
+        return {f"velocity/{k}": v for k, v in self.server.backbone.velocity.items()} | \
+            self.dense_opt.state_tensors("dense-opt/"), {"version": self.server.version}
 
     def restore(self, global_state: State, extra: State, meta: dict) -> None:
         """The backbone at the checkpoint's version. Neither the update history nor the nodes'
         versions are kept (a node may have restarted too), so every node catches up with the whole
         backbone once."""
         self.server.backbone = Backbone(global_base(global_state), int(meta["version"]), global_velocity(extra))
-        self.dense_opt.state = {}
-        for key, t in extra.items():
-            if key.startswith("dense-opt/"):
-                name, moment = key[len("dense-opt/"):].rsplit("/", 1)
-                self.dense_opt.state.setdefault(name, {})[moment] = t
+        self.dense_opt.load_state_tensors(extra, "dense-opt/")
         self.server.dense = global_dense(global_state)
         self.server.updates = {}
         self.node_versions = {}

@@ -70,15 +70,11 @@ class DeltaProtocol(Protocol):
 
     def extra_state(self) -> tuple[State, dict]:
         """The server optimizer's moments (FedAvgM, FedAdam, FedYogi) and the rule's per-client memory."""
-        return {f"{name}/{key}": t for name, moments in self.server_opt.state.items()
-                for key, t in moments.items()}, {"rule_memory": dict(self.memory)}
+        return self.server_opt.state_tensors(), {"rule_memory": dict(self.memory)}
 
     def restore(self, global_state: State, extra: State, meta: dict) -> None:
         if global_state.keys() != self.state.keys():
             raise ValueError("the checkpoint's adapter tensors differ from this run's")
         self.state = {k: global_state[k] for k in self.state}
         self.memory = dict(meta.get("rule_memory", {}))
-        self.server_opt.state = {}
-        for key, t in extra.items():
-            name, moment = key.rsplit("/", 1)
-            self.server_opt.state.setdefault(name, {})[moment] = t
+        self.server_opt.load_state_tensors(extra)

@@ -33,6 +33,18 @@ class ServerOptimizer:
             raise ValueError(f"unknown server optimizer {self.rule!r}; valid: {', '.join(RULES)}")
         return {name: self.lr * RULES[self.rule](self, name, d.double()).to(d.dtype) for name, d in delta.items()}
 
+    def state_tensors(self, prefix: str = "") -> Delta:
+        """The moments as flat tensors for a checkpoint: ``{prefix}{name}/{moment}``."""
+        return {f"{prefix}{name}/{key}": t for name, moments in self.state.items() for key, t in moments.items()}
+
+    def load_state_tensors(self, tensors: Delta, prefix: str = "") -> None:
+        """The moments back from ``state_tensors``' keys (others ignored)."""
+        self.state = {}
+        for key, t in tensors.items():
+            if key.startswith(prefix):
+                name, moment = key[len(prefix):].rsplit("/", 1)
+                self.state.setdefault(name, {})[moment] = t
+
     def _moment(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
         return self.state.setdefault(name, {}).setdefault(key, torch.zeros_like(like))
 

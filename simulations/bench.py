@@ -438,6 +438,11 @@ def federated_rounds(command: list[str], run_dir: Path, trace_file: Path) -> dic
             "hops": trace.hops(trace.read(trace_file))}
 
 
+def _job_int(job: list[str], key: str) -> int:
+    """The integer a job's last ``key=...`` sets."""
+    return int(next(o.split("=", 1)[1] for o in reversed(job) if o.startswith(f"{key}=")))
+
+
 def federation(overrides: list[str], out: Path) -> dict:
     """Where a federated round's time goes, both runtimes, one job (8 clients on the one device).
 
@@ -450,22 +455,21 @@ def federation(overrides: list[str], out: Path) -> dict:
     stamp = datetime.datetime.now().strftime("%H%M%S")
     runs = out.parent.resolve() / "fed-runs"
     job = [*DEFAULTS, "num-clients=8", "min-clients=8", "num-server-rounds=4", *overrides, f'out="{runs}"']
-    n = int(next(o.split("=")[1] for o in reversed(job) if o.startswith("num-clients=")))
+    n, rounds = _job_int(job, "num-clients"), _job_int(job, "num-server-rounds")
     bare = bare_clients(job)
     result = {"job": job, "bare_clients": bare}
     deploy = ["fedmeld.simulations.deploy", "--supernodes", str(n)]
     simulate = ["fedmeld.simulations.run", "--backend", "inprocess"]
-    rounds = int(next(o.split("=")[1] for o in reversed(job) if o.startswith("num-server-rounds=")))
+    in_memory = [*deploy, "--superlink-state", "memory"]
     eval_last = [f"client-eval-every={rounds}"]  # no evaluate phase but in the last round
-    commands = {"simulation": simulate,
-                "simulation_eval_last": [*simulate, *eval_last],
-                "deployment": deploy,  # the SuperLink's state on disk (the default, survives a restart)
-                "deployment_memory": [*deploy, "--superlink-state", "memory"],
-                "deployment_memory_eval_last": [*deploy, "--superlink-state", "memory", *eval_last]}
-    for runtime, command in commands.items():
+    commands = {"simulation": (simulate, []),  # runtime -> (command, run-config keys after the job's)
+                "simulation_eval_last": (simulate, eval_last),
+                "deployment": (deploy, []),  # the SuperLink's state on disk (the default, survives a restart)
+                "deployment_memory": (in_memory, []),
+                "deployment_memory_eval_last": (in_memory, eval_last)}
+    for runtime, (command, keys) in commands.items():
         name = f"{runtime}-{stamp}"
-        options, keys = [c for c in command if "=" not in c], [c for c in command if "=" in c]
-        measured = federated_rounds([*options, *job, *keys, f'run-name="{name}"'], runs / name,
+        measured = federated_rounds([*command, *job, *keys, f'run-name="{name}"'], runs / name,
                                     runs / f"{name}.trace.jsonl")
         if "steady_round_s" in measured:
             measured["round_over_slowest"] = round(measured["steady_round_s"] / bare["slowest_s"], 2)

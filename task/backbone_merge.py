@@ -143,13 +143,8 @@ def sync(backbone: Backbone, payload: State, target: int, step: ServerStep = Ser
             b, a = payload[f"{prefix}{layer}/B"], payload[f"{prefix}{layer}/A"]
             update = (b.to(w) @ a.flatten(1).to(b)).view_as(w)  # (out, in...) like the weight
             if step.momentum:
-                m = velocity.setdefault(f"{layer}.weight", torch.zeros_like(w))
-                m.mul_(step.momentum).add_(update)
-                w.add_(m, alpha=step.lr)
-            elif step.lr != 1:
-                w.add_(update, alpha=step.lr)
-            else:
-                w += update
+                update = velocity.setdefault(f"{layer}.weight", torch.zeros_like(w)).mul_(step.momentum).add_(update)
+            w.add_(update, alpha=step.lr)
     return Backbone(base, target, velocity)
 
 
@@ -194,12 +189,11 @@ class BackboneMergeServer:
     """The global backbone, its update history and the global dense tensors."""
 
     def __init__(self, base: State, dense: State, dense_rule: AggregateFn = weighted_mean,
-                 step: ServerStep = ServerStep(), dense_step: Callable[[State], State] = lambda d: d) -> None:
+                 step: ServerStep = ServerStep()) -> None:
         self.backbone = Backbone(snapshot(base), 0)
         self.dense = snapshot(dense)
         self.dense_rule = dense_rule
         self.step = step  # the backbone's server step, replicated on every node
-        self.dense_step = dense_step  # the dense tensors' server step (the server optimizer's), on the server only
         self.updates: dict[int, State] = {}  # version -> "update/{v}/{layer}/B|A" factors
 
     @property
@@ -235,8 +229,10 @@ class BackboneMergeServer:
         state = sync_part | {f"dense/{k}": v for k, v in self.dense.items()}
         return state, nbytes(sync_part) - nbytes(latest)
 
-    def aggregate(self, replies: Sequence[tuple[State, float]]) -> None:
-        """Merge the example-weighted mean of the clients' B·A changes; combine the dense deltas."""
+    def aggregate(self, replies: Sequence[tuple[State, float]],
+                  dense_step: Callable[[State], State] = lambda d: d) -> None:
+        """Merge the example-weighted mean of the clients' B·A changes; combine the dense deltas and move
+        them by ``dense_step`` (the server optimizer's, which lives on the server alone)."""
         version = self.version + 1
         weights = [w for _, w in replies]
         stacked = stacked_product_mean([{k[7:]: v for k, v in d.items() if k.startswith("factor/")}
@@ -244,5 +240,5 @@ class BackboneMergeServer:
         self.updates[version] = {f"update/{version}/{k}": v for k, v in stacked.items()}
         self.backbone = sync(self.backbone, self.updates[version], version, self.step)
         deltas = [{k[6:]: v for k, v in d.items() if k.startswith("dense/")} for d, _ in replies]
-        step = self.dense_step(self.dense_rule(deltas, weights))
+        step = dense_step(self.dense_rule(deltas, weights))
         self.dense = {k: (v + step[k]).to(v.dtype) for k, v in self.dense.items()}
