@@ -92,8 +92,10 @@ def hops(events: list[dict], steady_from: int = 2) -> dict:
     for k, i in enumerate(trains):
         following = phases[i + 1] if i + 1 < len(phases) and phases[i + 1]["type"] == "evaluate" else None
         rounds.append({"round": k + 1, "train": phases[i], "evaluate": following})
-    steady = [r for r in rounds if r["round"] >= steady_from and r["evaluate"] is not None
-              and r["evaluate"]["gap_after_s"] is not None] or rounds
+    # complete rounds after start-up: the last round's last phase has no gap after it; a round with no
+    # evaluate phase (client-eval-every) counts by its train phase
+    steady = [r for r in rounds if r["round"] >= steady_from
+              and (r["evaluate"] or r["train"])["gap_after_s"] is not None] or rounds
     return {"rounds": [r["round"] for r in steady],
             "train": _median_phase([r["train"] for r in steady]),
             "evaluate": _median_phase([r["evaluate"] for r in steady if r["evaluate"]])}
