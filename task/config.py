@@ -216,10 +216,6 @@ class RunConfig:
     lte_reset_moments: bool = _key(False, "LTE: clear AdamW's moments of the heads' factors at every merge, so the heads "
                                    "restart from zero momentum (with lte-merge-mode=reinit the fresh heads otherwise "
                                    "inherit the old heads' moments).")
-    lte_dense_lr: float = _key(0.0, "LTE: peak learning rate of the parameters that train directly (norms, biases, "
-                               "embeddings, the classifier), under the same schedule as lr; 0: lr. The heads' "
-                               "factors often want a higher lr than a network's dense parameters bear.",
-                               check=_non_negative[0], rule=_non_negative[1])
     bn_stats: str = _key('aggregate', "BatchNorm running statistics: aggregate them like adapter deltas, or freeze them.",
                          ("aggregate", "frozen"))
     aggregation: str = _key("fedavg", _aggregation_help, lambda: tuple(sorted(AGGREGATORS)))
@@ -385,9 +381,6 @@ class RunConfig:
         if self.lr_warmup >= self.num_server_rounds:
             raise ConfigError(f"lr-warmup {self.lr_warmup} must be fewer than num-server-rounds "
                               f"{self.num_server_rounds}")
-        if self.lte_dense_lr and "lte" not in parts:
-            raise ConfigError(f"lte-dense-lr sets the lr of LTE's directly trained parameters; peft={self.peft} has "
-                              f"none: drop lte-dense-lr or set peft=lte")
         if "lte" in parts and self.batch_size % self.lte_heads:
             raise ConfigError(f"batch-size {self.batch_size} must be divisible by lte-heads {self.lte_heads}: "
                               f"each head trains on an equal micro-batch")

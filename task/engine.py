@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -64,16 +63,11 @@ def _autocast(device: torch.device, precision: str, cache: bool = True):
         if device.type == "cuda" and precision == "bf16" else nullcontext()
 
 
-def adamw(params: Sequence[nn.Parameter] | Sequence[dict[str, Any]], lr: float,
-          weight_decay: float) -> torch.optim.Optimizer:
+def adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """The client optimizer: AdamW, fused into one kernel per step when every parameter is on CUDA
-    (the default multi-tensor version launches several per step); the CPU keeps the default.
-    ``params`` may be parameter groups; a group's ``lr_scale`` multiplies every lr it is given,
-    the schedule's too (``train``)."""
-    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    fused = bool(tensors) and all(p.is_cuda for p in tensors)
-    groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} if isinstance(g, dict) else g for g in params]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
+    (the default multi-tensor version launches several per step); the CPU keeps the default."""
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 _CPU_RNG = threading.RLock()
@@ -248,7 +242,7 @@ def _train(model: nn.Module, data: Split, info: TaskInfo, *, epochs: int, batch_
     for epoch in range(epochs):
         if lr_at is not None:
             for group in opt.param_groups:
-                group["lr"] = lr_at(epoch) * group.get("lr_scale", 1.0)
+                group["lr"] = lr_at(epoch)
         order = _to(torch.randperm(len(data), generator=gen), device)
         # drop a last batch of one: BatchNorm cannot train on it
         batches = [b for b in order.split(batch_size) if len(b) > 1 or len(order) == 1]

@@ -35,17 +35,6 @@ def forget_heads(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         optimizer.state.pop(layer.lora_B, None)
 
 
-def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
-    """The heads' factors at lr, the directly trained (dense) parameters at lte-dense-lr: two AdamW
-    groups whose ``lr_scale`` keeps their ratio under the schedule."""
-    heads = {id(p) for layer in lte_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    scale = cfg.lte_dense_lr / cfg.lr if cfg.lte_dense_lr else 1.0
-    groups = [{"params": [p for p in trained if id(p) in heads]},
-              {"params": [p for p in trained if id(p) not in heads], "lr_scale": scale}]
-    return [g for g in groups if g["params"]]
-
-
 @contextmanager
 def merge_every(model: nn.Module, steps: int, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
     """A merge step before every ``steps``-th training forward pass after the first, i.e. right
@@ -79,7 +68,7 @@ def train_lte(model: nn.Module, data: Split, info: TaskInfo, cfg: RunConfig, *, 
         reset_lte(model, torch.Generator().manual_seed(seed))
     data = for_heads(data, cfg.batch_size, lora_heads(cfg))
     model.to(device)
-    optimizer = adamw(param_groups(model, cfg), cfg.lr, cfg.weight_decay)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
     forget = optimizer if merge and cfg.lte_reset_moments else None
     with merge_every(model, cfg.lte_merge_every, forget) if merge else nullcontext():
         stats = train(model, data, info, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,

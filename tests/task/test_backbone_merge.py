@@ -12,7 +12,7 @@ from fedmeld.task.backbone_merge import (Backbone, BackboneMergeServer, ServerSt
 from fedmeld.task.config import RunConfig
 from fedmeld.task.data import load_split, task_info
 from fedmeld.task.engine import adamw
-from fedmeld.task.lte import merge_every, param_groups, train_lte
+from fedmeld.task.lte import merge_every
 from fedmeld.task.wire import nbytes
 
 CPU = torch.device("cpu")
@@ -179,31 +179,3 @@ def test_reset_moments_restarts_the_heads_optimizer_state_at_each_merge(medmnist
     assert int(opt.state[layer.lora_A]["step"]) == int(opt.state[layer.lora_B]["step"]) == 1
     assert int(opt.state[model.cls_token]["step"]) == 3
     assert len(layer.ledger) == 2  # both merges happened
-
-
-def test_lte_dense_lr_trains_the_dense_parameters_at_their_own_rate_under_the_schedule(medmnist_root):
-    """One local epoch of LTE in round 2 of a multistep schedule (lr x 0.1 from round 2): the heads'
-    group runs at 0.1 x lr, the dense group at 0.1 x lte-dense-lr; with lte-dense-lr tiny the
-    classifier barely moves while the backbone still does, with the default it moves as the heads do."""
-    moved = {}
-    for dense_lr in (0.0, 1e-9):
-        cfg = _cfg(medmnist_root, **{"lte-dense-lr": dense_lr, "lr-schedule": "multistep", "lr-milestones": "2",
-                                     "num-server-rounds": 3})
-        data = load_split(cfg.dataset, "train", data_root=cfg.data_root).subset(range(64))
-        model = build_merge_model(cfg, task_info(cfg.dataset))
-        groups = param_groups(model, cfg)
-        assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, dense_lr / cfg.lr if dense_lr else 1.0]
-        head, base = model.head.weight.detach().clone(), model.blocks[0].mlp.fc1.weight.detach().clone()
-        train_lte(model, data, task_info(cfg.dataset), cfg, epochs=1, device=CPU, seed=0, server_round=2)
-        moved[dense_lr] = ((model.head.weight - head).abs().max().item(),
-                           (model.blocks[0].mlp.fc1.weight - base).abs().max().item())
-    assert moved[0.0][0] > 1e-5 and moved[1e-9][0] < 1e-8  # the classifier: at lr, or at ~0
-    assert moved[1e-9][1] > 1e-5  # the heads still merged into the backbone
-    with pytest.raises(ValueError, match="lte-dense-lr.*peft=lte"):
-        _cfg(medmnist_root, peft="lora", **{"lte-dense-lr": 1e-3})
-
-
-def test_adamw_scales_a_group_lr_with_the_schedule():
-    w, v = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    opt = adamw([{"params": [w]}, {"params": [v], "lr_scale": 0.1}], 1e-2, 0.0)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2, 1e-3])
