@@ -23,5 +23,6 @@ def test_rounds_without_an_evaluate_phase_count_by_their_train_phase():
     assert hops["rounds"] == [2, 3]
     assert hops["train"]["engine_s"]["median"] == 1.0 and hops["train"]["phase_s"] == 1.3
     assert hops["evaluate"] is None
-    every_round = [e for r in range(4) for e in _phase("train", 10.0 * r, 1.0) + _phase("evaluate", 10.0 * r + 2, 0.5)]
+    every_round = [e for r in range(4)
+                   for e in _phase("train", 10.0 * r, 1.0) + _phase("evaluate", 10.0 * r + 2, 0.5)]
     assert trace.hops(every_round)["rounds"] == [2, 3]
