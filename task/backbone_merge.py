@@ -142,8 +142,9 @@ def sync(backbone: Backbone, payload: State, target: int, step: ServerStep = Ser
             w = base[f"{layer}.weight"]
             b, a = payload[f"{prefix}{layer}/B"], payload[f"{prefix}{layer}/A"]
             update = (b.to(w) @ a.flatten(1).to(b)).view_as(w)  # (out, in...) like the weight
-            if step.momentum:
-                update = velocity.setdefault(f"{layer}.weight", torch.zeros_like(w)).mul_(step.momentum).add_(update)
+            if step.momentum:  # M = β·M + B·A, then W += lr·M
+                velocity_w = velocity.setdefault(f"{layer}.weight", torch.zeros_like(w))
+                update = velocity_w.mul_(step.momentum).add_(update)
             w.add_(update, alpha=step.lr)
     return Backbone(base, target, velocity)
 

@@ -19,12 +19,12 @@ example-weighted.
 Many small honest clients agree only weakly (median cosines near 0), and then one round's cosines
 cannot tell a sign-flipped reply from an honest one (2 attackers of 8 on BreastMNIST, H200
 2026-12-02: from round 3 on, the rule dropped an honest client in most rounds and both attackers in
-few). An attacker is against the others in every round, an honest client only by chance, so with ``direction-memory`` β > 0 a reply is scored
-by its client's discounted sum of median cosines, score ← β·score + cosine, over the rounds it took
-part in (β = 1: the plain sum, it never forgets; β < 1: a round k rounds back counts β^k, so a
-client that turns bad late loses its credit within a few rounds). Clients are who the server says
-sent a reply (the partition id a node declared at its first contact, see server/strategy.py), and
-the scores are part of the checkpoint.
+few). An attacker is against the others in every round, an honest client only by chance, so with
+``direction-memory`` β > 0 a reply is scored by its client's discounted sum of median cosines, score
+← β·score + cosine, over the rounds it took part in (β = 1: the plain sum, it never forgets; β < 1:
+a round k rounds back counts β^k, so a client that turns bad late loses its credit within a few
+rounds). Clients are who the server says sent a reply (the partition id a node declared at its first
+contact, see server/strategy.py), and the scores are part of the checkpoint.
 
 What it assumes: honest clients' updates agree in direction (cosine > 0 to a typical other honest
 client). Under strong label skew honest clients may disagree; then at most f of them are dropped,
