@@ -1,6 +1,8 @@
 # Issue #18 on one H200 (16 cores), run from the repo root:
 #   bash simulations/results/lte_h200_2026-12-01/run.sh explore          # ~4 min: LTE candidates x IID/Dir1.0/Dir0.5, seed 0
 #   bash simulations/results/lte_h200_2026-12-01/run.sh final [LABEL]    # ~6 min: the fair table (lte.toml), 3 seeds
+# The device bundle (`../shared/tools/device-bundle pneumoniamnist`) needs the Opacus wheel added:
+# `pip download --no-deps opacus -d .device/wheels` (fedmeld.task.privacy imports it).
 # LABEL (optional): a method label of explore.toml; its settings replace lte.toml's "lte" method.
 # Writes $OUT/lte-<mode>.tgz (lte_compare.md/.json/.png, the sweep's results.*, grid.toml, every run's
 # config, summary.json, metrics.jsonl and log) and prints the table.
