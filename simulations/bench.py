@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import timm
@@ -47,6 +47,14 @@ from fedmeld.task.config import COMPILE_MODES
 LOOPS = ("harness", "product")
 MODES = ("full", "hf-peft-lora", "lora", "lora-naive", "lora-keep-act", "lora-frozen-a", "norm", "norm-floor", "head")
 DEFAULT_MODES = ("full", "hf-peft-lora", "lora", "lora-frozen-a", "norm", "norm-floor", "head")
+DEPLOY, SIMULATE = "fedmeld.simulations.deploy", "fedmeld.simulations.run"
+FEDERATION_RUNTIMES = {  # --federation's runtimes: name -> (python -m command, client-eval-every = the rounds)
+    "simulation": ([SIMULATE, "--backend", "inprocess"], False),
+    "simulation_eval_last": ([SIMULATE, "--backend", "inprocess"], True),
+    "deployment": ([DEPLOY], False),  # the SuperLink's state on disk (the default, survives a restart)
+    "deployment_memory": ([DEPLOY, "--superlink-state", "memory"], False),
+    "deployment_memory_eval_last": ([DEPLOY, "--superlink-state", "memory"], True),
+}
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 Batch = Callable[[], tuple[Tensor, Tensor]]
 
@@ -100,7 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "epoch): each client's train + evaluate in a bare loop, then the same job under the in-process "
                         "simulation Grid and under the deployment runtime (SuperLink + SuperNodes on localhost; its "
                         "state on disk and in memory), each also with client-eval-every = the rounds (no evaluate "
-                        "phase but the last round's), traced hop by hop (fedmeld.task.trace)")
+                        "phase but the last round's), traced hop by hop (fedmeld.task.trace); the runs go to "
+                        "<out's folder>/fed-runs unless an out= override says where")
+    p.add_argument("--federation-runtimes", nargs="+", choices=FEDERATION_RUNTIMES, default=list(FEDERATION_RUNTIMES),
+                   help="which runtimes --federation measures (default: all; a deployment takes minutes to start "
+                        "its processes, so a time-limited call may measure them in turns)")
     p.add_argument("--out", default="bench.json", help="JSON output path")
     args = p.parse_args(argv)
     args.product_compile = args.product_compile or ["off", *(["cudagraphs"] if args.device.startswith("cuda") else [])]
@@ -326,7 +338,7 @@ def settings(args: argparse.Namespace, model_name: str, mode: str) -> list[tuple
 def run_rows(args: argparse.Namespace, profiles: dict[str, str], on_row: Callable[[list[dict]], None]) -> list[dict]:
     """Measure every (model, loop, compile, mode); ``on_row`` gets the rows so far after each one."""
     device = torch.device(args.device)
-    data = product_split(args) if "product" in args.loops else None
+    data = product_split(args) if args.models and "product" in args.loops else None
     rows = []
     for model_name in args.models:
         for loop, compile_mode in dict.fromkeys(s for mode in args.modes for s in settings(args, model_name, mode)):
@@ -387,11 +399,13 @@ def data_path(args: argparse.Namespace) -> dict | None:
     return result
 
 
-def bare_clients(overrides: list[str]) -> dict:
+def bare_clients(overrides: list[str], repeats: int = 2) -> dict:
     """Each client's round of work in a plain loop (same model, shards, engine, optimizer and compile
     setting; no Flower): its local training (``train_s``, graph capture or compilation included, as
     a client pays it every round) and the evaluation of its validation split (``evaluate_s``), after
-    one untimed round of client 0 that pays CUDA start-up and kernel choice."""
+    one untimed round of client 0 that pays CUDA start-up and kernel choice. Each client is timed
+    ``repeats`` times and keeps its fastest: a launch-bound model's single call moves by up to 5x with
+    the host, and the slowest client is the denominator of ``round_over_slowest``."""
     from fedmeld.client.app import load_shard
     from fedmeld.task.data import task_info
     from fedmeld.task.engine import Inputs, evaluate, pick_device, train
@@ -404,15 +418,18 @@ def bare_clients(overrides: list[str]) -> dict:
     model = build_fed_model(cfg, info).to(device)
     train_s, evaluate_s = [], []
     for pid in [0, *range(cfg.num_clients)]:
-        shard = load_shard(cfg, pid, cfg.num_clients)
-        stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                      weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, inputs=Inputs.of(cfg),
-                      optimizer=make_optimizer(model, cfg), precision=cfg.precision, compile_mode=cfg.compile)
-        began = time.perf_counter()
-        if len(shard.val):
-            evaluate(model, shard.val, info, device=device, inputs=Inputs.of(cfg), precision=cfg.precision)
-        train_s.append(stats["train_seconds"])
-        evaluate_s.append(time.perf_counter() - began)
+        shard, times = load_shard(cfg, pid, cfg.num_clients), []
+        for _ in range(repeats):
+            stats = train(model, shard.train, info, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                          weight_decay=cfg.weight_decay, device=device, seed=cfg.seed, inputs=Inputs.of(cfg),
+                          optimizer=make_optimizer(model, cfg), precision=cfg.precision, compile_mode=cfg.compile)
+            began = time.perf_counter()
+            if len(shard.val):
+                evaluate(model, shard.val, info, device=device, inputs=Inputs.of(cfg), precision=cfg.precision)
+            times.append((stats["train_seconds"], time.perf_counter() - began))
+        fastest = min(times, key=sum)
+        train_s.append(fastest[0])
+        evaluate_s.append(fastest[1])
     train_s, evaluate_s = train_s[1:], evaluate_s[1:]
     both = [t + e for t, e in zip(train_s, evaluate_s)]
     return {"train_s": [round(t, 3) for t in train_s], "evaluate_s": [round(t, 3) for t in evaluate_s],
@@ -438,42 +455,41 @@ def federated_rounds(command: list[str], run_dir: Path, trace_file: Path) -> dic
             "hops": trace.hops(trace.read(trace_file))}
 
 
-def _job_int(job: list[str], key: str) -> int:
-    """The integer a job's last ``key=...`` sets."""
-    return int(next(o.split("=", 1)[1] for o in reversed(job) if o.startswith(f"{key}=")))
+def _job_value(job: list[str], key: str) -> str:
+    """What a job's last ``key=...`` sets, as written."""
+    return next(o.split("=", 1)[1] for o in reversed(job) if o.startswith(f"{key}="))
 
 
-def federation(overrides: list[str], out: Path) -> dict:
+def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(FEDERATION_RUNTIMES),
+               save: Callable[[dict], object] = lambda result: None) -> dict:
     """Where a federated round's time goes, both runtimes, one job (8 clients on the one device).
 
     ``round_over_slowest`` is the steady round's wall time over the slowest client's bare train +
     evaluate time: 1.0 would be a round that costs exactly its slowest client's work. The round
     includes the server's central evaluation of the official validation and test splits and the
-    checkpoint write. ``hops`` says where the rest goes (``fedmeld.task.trace``)."""
+    checkpoint write. ``hops`` says where the rest goes (``fedmeld.task.trace``). ``save`` gets the
+    result after each runtime, so a run cut short by a time limit keeps the runtimes it finished."""
     from fedmeld.simulations.scaling import DEFAULTS
 
     stamp = datetime.datetime.now().strftime("%H%M%S")
-    runs = out.parent.resolve() / "fed-runs"
-    job = [*DEFAULTS, "num-clients=8", "min-clients=8", "num-server-rounds=4", *overrides, f'out="{runs}"']
-    n, rounds = _job_int(job, "num-clients"), _job_int(job, "num-server-rounds")
+    default_runs = out.parent.resolve() / "fed-runs"
+    job = [*DEFAULTS, "num-clients=8", "min-clients=8", "num-server-rounds=4", f'out="{default_runs}"', *overrides]
+    n, rounds = int(_job_value(job, "num-clients")), int(_job_value(job, "num-server-rounds"))
+    runs = Path(_job_value(job, "out").strip('"')).resolve()
     bare = bare_clients(job)
     result = {"job": job, "bare_clients": bare}
-    deploy = ["fedmeld.simulations.deploy", "--supernodes", str(n)]
-    simulate = ["fedmeld.simulations.run", "--backend", "inprocess"]
-    in_memory = [*deploy, "--superlink-state", "memory"]
-    eval_last = [f"client-eval-every={rounds}"]  # no evaluate phase but in the last round
-    commands = {"simulation": (simulate, []),  # runtime -> (command, run-config keys after the job's)
-                "simulation_eval_last": (simulate, eval_last),
-                "deployment": (deploy, []),  # the SuperLink's state on disk (the default, survives a restart)
-                "deployment_memory": (in_memory, []),
-                "deployment_memory_eval_last": (in_memory, eval_last)}
-    for runtime, (command, keys) in commands.items():
+    save(result)
+    for runtime in runtimes:
+        command, eval_last = FEDERATION_RUNTIMES[runtime]
+        command = [*command, "--supernodes", str(n)] if command[0] == DEPLOY else command
+        keys = [f"client-eval-every={rounds}"] if eval_last else []  # no evaluate phase but in the last round
         name = f"{runtime}-{stamp}"
         measured = federated_rounds([*command, *job, *keys, f'run-name="{name}"'], runs / name,
                                     runs / f"{name}.trace.jsonl")
         if "steady_round_s" in measured:
             measured["round_over_slowest"] = round(measured["steady_round_s"] / bare["slowest_s"], 2)
         result[runtime] = measured
+        save(result)
     return result
 
 
@@ -542,7 +558,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = data_path(args) if args.models or args.data_model else None
     result = save(rows, data)
     if args.federation is not None:
-        result = save(rows, data, federation(args.federation, out))
+        result = save(rows, data, federation(args.federation, out, args.federation_runtimes,
+                                             lambda fed: save(rows, data, fed)))
     if profiles:
         out.with_suffix(".profile.txt").write_text("".join(f"== {tag}\n{table}\n\n" for tag, table in profiles.items()))
     print(ratio_table(rows))

@@ -45,3 +45,22 @@ def test_hf_peft_row_is_hugging_face_peft_on_our_lora_layers():
     ours = bench.prepare(bench.build_model("resnet10t", args.num_classes, args.img), "lora", args.rank)
     assert any(isinstance(m, LoRALayer) for m in ours.modules())
     assert row["trainable"] == sum(p.numel() for p in ours.parameters() if p.requires_grad)
+
+
+def test_federation_measures_the_runtimes_asked_for_into_the_runs_folder_asked_for(tmp_path: Path,
+                                                                                    medmnist_root: Path):
+    """--federation on the CPU, one runtime: the bare clients' times, the traced in-process run with its
+    round ÷ slowest client, the JSON written, and the runs where the job's out= says (not next to --out)."""
+    out, runs = tmp_path / "json" / "bench.json", tmp_path / "elsewhere"
+    job = ['dataset="breastmnist"', f'data-root="{medmnist_root}"', 'model="resnet10t"', "input-size=28",
+           "device=cpu", "num-clients=2", "min-clients=2", "num-server-rounds=2", "batch-size=32", f'out="{runs}"']
+    result = bench.main(["--device", "cpu", "--models", "--federation", *job, "--federation-runtimes", "simulation",
+                         "--out", str(out)])
+    fed = json.loads(out.read_text())["federation"]
+    assert fed == result["federation"] and set(fed) == {"job", "bare_clients", "simulation"}
+    assert len(fed["bare_clients"]["train_s"]) == 2 and fed["bare_clients"]["slowest_s"] > 0
+    sim = fed["simulation"]
+    assert len(sim["round_seconds"]) == 2, sim
+    assert sim["round_over_slowest"] == round(sim["steady_round_s"] / fed["bare_clients"]["slowest_s"], 2)
+    assert sim["hops"]["train"]["phase_s"] > 0
+    assert [p.name for p in runs.glob("simulation-*.trace.jsonl")] and not (out.parent / "fed-runs").exists()
