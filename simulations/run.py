@@ -158,11 +158,16 @@ def _simulate_inprocess(cfg: RunConfig, devices: Sequence[str] = ()) -> Path:
 
 def parse_devices(value: str) -> list[str]:
     """``--devices``: comma-separated devices, or ``gpus`` for every visible GPU (none: no workers)."""
+    from fedmeld.task.flower.inprocess import check_devices
+
     if value.strip() == "gpus":
         import torch
 
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return [d.strip() for d in value.split(",") if d.strip()]
+    try:
+        return check_devices([d.strip() for d in value.split(",") if d.strip()])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                              "process, no Ray (GPU boxes without Ray, quick runs)")
     parser.add_argument("--devices", type=parse_devices, default=[], metavar="LIST",
                         help="inprocess backend: one worker thread per device (e.g. cuda:0,cuda:1, or gpus for every "
-                             "visible GPU), client i on worker i mod N (its device), the workers training at once; "
-                             "default: every client in turn on the run config's device")
+                             "visible GPU; each device once), client i on worker i mod N (its device), the workers "
+                             "training at once; default: every client in turn on the run config's device")
     parser.add_argument("--verbose", action="store_true",
                         help="print Flower's and Ray's log lines and library warnings on the console (default: "
                              "into RUN_DIR/flower.log, with fedmeld's own progress and summary on the console)")

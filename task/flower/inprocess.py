@@ -12,7 +12,9 @@ device and node ``i`` lives on worker ``i mod len(devices)`` (its node config sa
 SuperNode's ``--node-config`` would): the workers train their nodes concurrently, each worker's
 nodes one after another. A client's results do not depend on which worker or in which order it
 ran (``task/engine.py`` seeds every call; model init holds the CPU RNG), so one worker and several
-give the same run. ``cpu:N`` names the CPU as worker N (tests: several workers without GPUs).
+give the same run. ``cpu:N`` names the CPU as worker N (tests: several workers without GPUs). A
+device listed twice is refused: its workers would share the client's cached model (and, on a GPU,
+its random generator), so their clients would overwrite each other's training.
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ def set_task_identity(run_id: int = 1) -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
 
 
+def check_devices(devices: Sequence[str]) -> list[str]:
+    """The worker devices, each at most once (``cuda`` counts as ``cuda:0``); else a ValueError
+    that names the repeated one."""
+    seen: dict[str, str] = {}
+    for device in devices:
+        key = "cuda:0" if device == "cuda" else device
+        if key in seen:
+            same = f" ({seen[key]!r} is the same device)" if seen[key] != device else ""
+            raise ValueError(f"device {device!r} is listed twice{same}: one worker per device, since two workers "
+                             "on one device would share its clients' model; list each GPU once (several workers "
+                             "on the CPU: cpu:0,cpu:1)")
+        seen[key] = device
+    return list(devices)
+
+
 class InProcessGrid(Grid):
     """``num_nodes`` virtual SuperNodes with node configs ``partition-id=i num-partitions=N`` (and
     ``device``, with ``devices``: one worker thread per device, see the module docstring)."""
@@ -48,7 +65,7 @@ class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, devices: Sequence[str] = ()) -> None:
         set_task_identity()
         self.client_app = client_app
-        self.devices = list(devices)
+        self.devices = check_devices(devices)
         self.contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config={},
                               node_config={"partition-id": i, "num-partitions": num_nodes,

@@ -37,3 +37,19 @@ def test_two_workers_give_the_one_worker_run_and_a_hop_trace(medmnist_root, tmp_
     train, evaluate = hops["train"], hops["evaluate"]
     assert 0 < train["engine_s"]["max"] <= train["client_app_s"]["max"] <= train["phase_s"]
     assert evaluate["central_evaluation_s"] > 0 and evaluate["gap_after_s"] >= evaluate["central_evaluation_s"]
+
+
+def test_a_device_listed_twice_is_refused_before_anything_starts(tmp_path, capsys):
+    """Two workers on one device would train on one cached model at once: refused, naming the device,
+    by the CLI (exit 2, no run directory) and by the Grid itself."""
+    import pytest
+
+    from fedmeld.simulations.run import main
+    from fedmeld.task.flower.inprocess import InProcessGrid
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--backend", "inprocess", "--devices", "cuda:0,cuda", f'out="{tmp_path}"'])
+    assert exited.value.code == 2
+    assert "'cuda' is listed twice" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="'cpu:1' is listed twice"):
+        InProcessGrid(None, 2, ["cpu:0", "cpu:1", "cpu:1"])
