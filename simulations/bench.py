@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedmeld.task.config import COMPILE_MODES
+from fedmeld.task.config import COMPILE_MODES, RunConfig
 
 LOOPS = ("harness", "product")
 MODES = ("full", "hf-peft-lora", "lora", "lora-naive", "lora-keep-act", "lora-frozen-a", "norm", "norm-floor", "head")
@@ -399,7 +399,7 @@ def data_path(args: argparse.Namespace) -> dict | None:
     return result
 
 
-def bare_clients(overrides: list[str], repeats: int = 2) -> dict:
+def bare_clients(cfg: RunConfig, repeats: int = 2) -> dict:
     """Each client's round of work in a plain loop (same model, shards, engine, optimizer and compile
     setting; no Flower): its local training (``train_s``, graph capture or compilation included, as
     a client pays it every round) and the evaluation of its validation split (``evaluate_s``), after
@@ -411,9 +411,7 @@ def bare_clients(overrides: list[str], repeats: int = 2) -> dict:
     from fedmeld.task.engine import Inputs, evaluate, pick_device, train
     from fedmeld.task.model import build_model as build_fed_model
     from fedmeld.task.model import make_optimizer
-    from fedmeld.simulations.run import load_config
 
-    cfg = load_config(None, overrides)
     info, device = task_info(cfg.dataset), pick_device(cfg.device)
     model = build_fed_model(cfg, info).to(device)
     train_s, evaluate_s = [], []
@@ -455,11 +453,6 @@ def federated_rounds(command: list[str], run_dir: Path, trace_file: Path) -> dic
             "hops": trace.hops(trace.read(trace_file))}
 
 
-def _job_value(job: list[str], key: str) -> str:
-    """What a job's last ``key=...`` sets, as written."""
-    return next(o.split("=", 1)[1] for o in reversed(job) if o.startswith(f"{key}="))
-
-
 def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(FEDERATION_RUNTIMES),
                save: Callable[[dict], object] = lambda result: None) -> dict:
     """Where a federated round's time goes, both runtimes, one job (8 clients on the one device).
@@ -469,14 +462,15 @@ def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(
     includes the server's central evaluation of the official validation and test splits and the
     checkpoint write. ``hops`` says where the rest goes (``fedmeld.task.trace``). ``save`` gets the
     result after each runtime, so a run cut short by a time limit keeps the runtimes it finished."""
+    from fedmeld.simulations.run import load_config
     from fedmeld.simulations.scaling import DEFAULTS
 
     stamp = datetime.datetime.now().strftime("%H%M%S")
     default_runs = out.parent.resolve() / "fed-runs"
     job = [*DEFAULTS, "num-clients=8", "min-clients=8", "num-server-rounds=4", f'out="{default_runs}"', *overrides]
-    n, rounds = int(_job_value(job, "num-clients")), int(_job_value(job, "num-server-rounds"))
-    runs = Path(_job_value(job, "out").strip('"')).resolve()
-    bare = bare_clients(job)
+    cfg = load_config(None, job)  # the job as every runtime will read it: the last key=value wins
+    n, rounds, runs = cfg.num_clients, cfg.num_server_rounds, Path(cfg.out).resolve()
+    bare = bare_clients(cfg)
     result = {"job": job, "bare_clients": bare}
     save(result)
     for runtime in runtimes:

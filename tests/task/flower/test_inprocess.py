@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -42,8 +43,6 @@ def test_two_workers_give_the_one_worker_run_and_a_hop_trace(medmnist_root, tmp_
 def test_a_device_listed_twice_is_refused_before_anything_starts(tmp_path, capsys):
     """Two workers on one device would train on one cached model at once: refused, naming the device,
     by the CLI (exit 2, no run directory) and by the Grid itself."""
-    import pytest
-
     from fedmeld.simulations.run import main
     from fedmeld.task.flower.inprocess import InProcessGrid
 
