@@ -458,12 +458,15 @@ def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(
     """Where a federated round's time goes, both runtimes, one job (8 clients on the one device).
 
     ``round_over_slowest`` is the steady round's wall time over the slowest client's bare train +
-    evaluate time: 1.0 would be a round that costs exactly its slowest client's work. The round
+    evaluate time: 1.0 would be a round that costs exactly its slowest client's work. On one device
+    the clients share it, so ``round_over_sum`` (over all bare clients in sequence, what one GPU must
+    compute) is the figure the fixed cost of a round shows in: 1.0 there is no overhead. The round
     includes the server's central evaluation of the official validation and test splits and the
     checkpoint write. ``hops`` says where the rest goes (``fedmeld.task.trace``). ``save`` gets the
     result after each runtime, so a run cut short by a time limit keeps the runtimes it finished."""
     from fedmeld.simulations.run import load_config
     from fedmeld.simulations.scaling import DEFAULTS
+    from fedmeld.task.flower.waits import poll_seconds
 
     stamp = datetime.datetime.now().strftime("%H%M%S")
     default_runs = out.parent.resolve() / "fed-runs"
@@ -471,7 +474,7 @@ def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(
     cfg = load_config(None, job)  # the job as every runtime will read it: the last key=value wins
     n, rounds, runs = cfg.num_clients, cfg.num_server_rounds, Path(cfg.out).resolve()
     bare = bare_clients(cfg)
-    result = {"job": job, "bare_clients": bare}
+    result = {"job": job, "poll_seconds": poll_seconds(), "bare_clients": bare}
     save(result)
     for runtime in runtimes:
         command, eval_last = FEDERATION_RUNTIMES[runtime]
@@ -482,6 +485,7 @@ def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(
                                     runs / f"{name}.trace.jsonl")
         if "steady_round_s" in measured:
             measured["round_over_slowest"] = round(measured["steady_round_s"] / bare["slowest_s"], 2)
+            measured["round_over_sum"] = round(measured["steady_round_s"] / bare["sum_s"], 2)
         result[runtime] = measured
         save(result)
     return result

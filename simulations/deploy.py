@@ -24,6 +24,9 @@ along) continues after its last completed round: ``fedmeld deploy --resume RUN_D
 idle poll) and gets one long-lived ``fedmeld executor`` that runs all its messages in one
 process, so torch, the model and the data shard load once per node, not once per message.
 ``subprocess``: Flower's stock behaviour, a fresh ``flwr-clientapp`` process per message.
+
+Every hop that polls (SuperNodes, executors, the ServerApp's Grid) waits 0.2 s between polls, or
+``FEDMELD_POLL_SECONDS`` from this command's environment, which its processes inherit.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from fedmeld.simulations.security import (
     load_local_credentials,
 )
 from fedmeld.task.config import ConfigError, RunConfig, defaults, describe
+from fedmeld.task.flower.waits import PollError, poll_seconds
 
 ISOLATIONS = ("process", "subprocess")
 STATUS_SECONDS = 15.0  # between `flwr ls` calls (about 1.3 s of CPU each) until summary.json shows up
@@ -467,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedmeld deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0] + " Starts a local SuperLink and SuperNodes, runs, stops them.\n\n"
-        + "\n\n".join(__doc__.split("\n\n")[2:5]),
+        + "\n\n".join(__doc__.split("\n\n")[2:6]),
         epilog="run-config keys (key = default {choices}):\n" + describe())
     parser.add_argument("--supernodes", type=int, help="SuperNodes (hospitals) to start; default 2 (with --resume: "
                                                         "the run's num-clients)")
@@ -497,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
     args = parser.parse_args(argv)
     try:
+        poll_seconds()  # every process started below reads it
         if args.resume:
             if args.config:
                 parser.error("--resume takes the run's own config: drop --config")
@@ -508,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             nodes = args.supernodes or 2
             cfg = load_config(args.config, [f"num-clients={nodes}", f"min-clients={nodes}", *args.overrides])
-    except (ConfigError, OSError) as err:
+    except (ConfigError, OSError, PollError) as err:
         parser.error(str(err))
     home = Path(args.home or tempfile.mkdtemp(prefix="fedmeld-deploy-")).resolve()
     home.mkdir(parents=True, exist_ok=True)

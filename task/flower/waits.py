@@ -10,6 +10,7 @@ SuperExec). A round sends every node two messages and each pays these waits.
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from types import ModuleType
@@ -21,14 +22,29 @@ from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from . import require_supported
 
 PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 1.0}  # Flower's: 1 s doubling up to 10 s
-# Seconds between polls wherever a hop polls: the SuperNode for messages and for its ClientApp's reply
-# (`fedmeld supernode --sleep-cap`), the executor for tasks (`fedmeld executor --poll-interval`) and the
-# ServerApp's Grid for replies. A message waits on average half of it at each of these hops. Traced on the
-# H200 (simulations/results/bench_h200_2026-12-01_federation.json, run at 0.05 s) a steady round's hops
-# are bound by moving the 2.4 MB messages through the SuperLink, not by these waits, and that round took
-# twice the 0.2 s figure of the same day: 0.2 s stays until an A/B says otherwise.
-POLL_SECONDS = 0.2
-GRID_SLEEP_CAP = POLL_SECONDS  # the deployment Grid itself sleeps 3 s between polls for replies
+POLL_ENV = "FEDMELD_POLL_SECONDS"
+
+
+class PollError(ValueError):
+    """``FEDMELD_POLL_SECONDS`` is not a number of seconds in (0, 60]."""
+
+
+def poll_seconds() -> float:
+    """Seconds between polls wherever a hop polls: the SuperNode for messages and for its ClientApp's
+    reply (`fedmeld supernode --sleep-cap`), the executor for tasks (`fedmeld executor --poll-interval`)
+    and the ServerApp's Grid for replies; 0.2 unless ``FEDMELD_POLL_SECONDS`` says otherwise (every
+    process of ``fedmeld deploy`` inherits it). A message waits on average half of it at each hop, and
+    every poll is a request the SuperLink serves: shorter polls cost it CPU. On one H100 host, 8 SuperNodes,
+    0.1 / 0.2 / 0.5 s gave steady rounds of 2.34 / 2.39 / 2.68 s (simulations/results/rounds_h100_2026-12-06/);
+    on the H200 0.05 s doubled the round (bench_h200_2026-12-01_federation.json)."""
+    raw = os.environ.get(POLL_ENV) or "0.2"  # unset or empty: the default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 60:
+        raise PollError(f"{POLL_ENV}={raw!r}: give the seconds between polls, a number in (0, 60], e.g. 0.2")
+    return value
 
 
 class CappedSleep:
@@ -61,4 +77,4 @@ def shorten_grid_waits(grid: Grid) -> None:
     from flwr.superlink.grid import HttpGrid, http_grid
 
     if isinstance(grid, HttpGrid):
-        shorten_waits(http_grid, GRID_SLEEP_CAP)
+        shorten_waits(http_grid, poll_seconds())  # the Grid itself sleeps 3 s between polls for replies

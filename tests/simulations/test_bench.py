@@ -57,10 +57,11 @@ def test_federation_measures_the_runtimes_asked_for_into_the_runs_folder_asked_f
     result = bench.main(["--device", "cpu", "--models", "--federation", *job, "--federation-runtimes", "simulation",
                          "--out", str(out)])
     fed = json.loads(out.read_text())["federation"]
-    assert fed == result["federation"] and set(fed) == {"job", "bare_clients", "simulation"}
+    assert fed == result["federation"] and set(fed) == {"job", "poll_seconds", "bare_clients", "simulation"}
     assert len(fed["bare_clients"]["train_s"]) == 2 and fed["bare_clients"]["slowest_s"] > 0
     sim = fed["simulation"]
     assert len(sim["round_seconds"]) == 2, sim
     assert sim["round_over_slowest"] == round(sim["steady_round_s"] / fed["bare_clients"]["slowest_s"], 2)
+    assert sim["round_over_sum"] == round(sim["steady_round_s"] / fed["bare_clients"]["sum_s"], 2)
     assert sim["hops"]["train"]["phase_s"] > 0
     assert [p.name for p in runs.glob("simulation-*.trace.jsonl")] and not (out.parent / "fed-runs").exists()

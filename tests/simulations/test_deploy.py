@@ -142,6 +142,18 @@ def test_deploy_resume_continues_a_run_with_its_own_config_and_one_supernode_per
     assert "is not a fedmeld run directory" in capsys.readouterr().err and len(started) == 1
 
 
+def test_deploy_refuses_a_bad_poll_interval_before_anything_starts(tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(deploy, "run_deployment", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setenv("FEDMELD_POLL_SECONDS", "0")
+    with pytest.raises(SystemExit) as refused:
+        deploy.main(["--insecure", "--home", str(tmp_path / "home")])
+    assert refused.value.code == 2 and "FEDMELD_POLL_SECONDS='0'" in capsys.readouterr().err
+    assert not started and not (tmp_path / "home").exists()
+    monkeypatch.setenv("FEDMELD_POLL_SECONDS", "0.5")
+    assert deploy.main(["--insecure", "--home", str(tmp_path / "home")]) == 0 and len(started) == 1
+
+
 def _overrides(medmnist_root: Path, tmp_path: Path, run_name: str, *overrides: str) -> list[str]:
     """A small job every deployment test runs: ResNet-10t, one local epoch in batches of 64, IID
     (every node has a validation split)."""

@@ -62,6 +62,20 @@ def test_shorten_waits_caps_a_module_and_refuses_a_changed_one(monkeypatch):
         waits.shorten_waits(changed, 0.01)
 
 
+@pytest.mark.parametrize("raw", ["abc", "0", "-1", "61", "nan"])
+def test_a_bad_poll_interval_is_refused_naming_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(waits.POLL_ENV, raw)
+    with pytest.raises(ValueError, match=f"{waits.POLL_ENV}=.*seconds between polls"):
+        waits.poll_seconds()
+
+
+def test_the_poll_interval_is_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv(waits.POLL_ENV, raising=False)
+    assert waits.poll_seconds() == 0.2
+    monkeypatch.setenv(waits.POLL_ENV, "0.5")
+    assert waits.poll_seconds() == 0.5
+
+
 def test_the_deployment_grid_is_the_class_we_check_for():
     from flwr.superlink.grid import HttpGrid, http_grid
 
