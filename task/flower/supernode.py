@@ -33,7 +33,7 @@ from flwr.supernode import start_client_internal as supernode_loop
 from flwr.supernode.cli import flower_supernode
 
 from . import require_supported
-from .waits import poll_seconds, shorten_waits
+from .waits import PollError, poll_seconds, shorten_waits
 
 HEARTBEAT_SECONDS = float(HEARTBEAT_MIN_INTERVAL)  # Flower's: 30 s
 
@@ -85,9 +85,13 @@ def finish_ignored_tasks(loop: ModuleType) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedmeld supernode", add_help=False, allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sleep-cap", type=float, default=poll_seconds(), metavar="SECONDS",
+    try:
+        poll = poll_seconds()
+    except PollError as err:
+        parser.error(str(err))
+    parser.add_argument("--sleep-cap", type=float, default=poll, metavar="SECONDS",
                         help="longest sleep of the SuperNode loop (Flower: 3 s idle, 0.5 s reply polls); "
-                             f"default {poll_seconds()} ($FEDMELD_POLL_SECONDS, else 0.2)")
+                             f"default {poll} ($FEDMELD_POLL_SECONDS, else 0.2)")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_SECONDS, metavar="SECONDS",
                         help="between the node's heartbeats; the SuperLink gives a silent node up after two "
                              f"(Flower: 30 s); {HEARTBEAT_MIN_INTERVAL} to {HEARTBEAT_MAX_INTERVAL}, "

@@ -3,6 +3,7 @@ upgrade that moves or changes one fails here, by name, before any deployment tes
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import time
 import types
@@ -67,6 +68,15 @@ def test_a_bad_poll_interval_is_refused_naming_the_variable(monkeypatch, raw):
     monkeypatch.setenv(waits.POLL_ENV, raw)
     with pytest.raises(ValueError, match=f"{waits.POLL_ENV}=.*seconds between polls"):
         waits.poll_seconds()
+
+
+@pytest.mark.parametrize("command", ["supernode", "executor"])
+def test_fedmeld_supernode_and_executor_refuse_a_bad_poll_interval(monkeypatch, capsys, command):
+    main = importlib.import_module(f"fedmeld.task.flower.{command}").main
+    monkeypatch.setenv(waits.POLL_ENV, "2s")
+    with pytest.raises(SystemExit) as refused:
+        main(["--help"])
+    assert refused.value.code == 2 and f"fedmeld {command}: error: {waits.POLL_ENV}='2s'" in capsys.readouterr().err
 
 
 def test_the_poll_interval_is_read_from_the_environment(monkeypatch):
