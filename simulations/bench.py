@@ -453,6 +453,20 @@ def federated_rounds(command: list[str], run_dir: Path, trace_file: Path) -> dic
             "hops": trace.hops(trace.read(trace_file))}
 
 
+def measure_runtime(runtime: str, job: list[str], cfg: RunConfig, bare: dict, name: str) -> dict:
+    """One of ``FEDERATION_RUNTIMES`` on ``job`` (as read into ``cfg``), run as ``name`` under the job's
+    ``out``, with its steady round over the bare clients' times (``bare_clients``)."""
+    command, eval_last = FEDERATION_RUNTIMES[runtime]
+    command = [*command, "--supernodes", str(cfg.num_clients)] if command[0] == DEPLOY else command
+    keys = [f"client-eval-every={cfg.num_server_rounds}"] if eval_last else []  # no evaluate phase but the last
+    runs = Path(cfg.out).resolve()
+    measured = federated_rounds([*command, *job, *keys, f'run-name="{name}"'], runs / name, runs / f"{name}.trace.jsonl")
+    if "steady_round_s" in measured:
+        measured["round_over_slowest"] = round(measured["steady_round_s"] / bare["slowest_s"], 2)
+        measured["round_over_sum"] = round(measured["steady_round_s"] / bare["sum_s"], 2)
+    return measured
+
+
 def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(FEDERATION_RUNTIMES),
                save: Callable[[dict], object] = lambda result: None) -> dict:
     """Where a federated round's time goes, both runtimes, one job (8 clients on the one device).
@@ -472,21 +486,11 @@ def federation(overrides: list[str], out: Path, runtimes: Sequence[str] = tuple(
     default_runs = out.parent.resolve() / "fed-runs"
     job = [*DEFAULTS, "num-clients=8", "min-clients=8", "num-server-rounds=4", f'out="{default_runs}"', *overrides]
     cfg = load_config(None, job)  # the job as every runtime will read it: the last key=value wins
-    n, rounds, runs = cfg.num_clients, cfg.num_server_rounds, Path(cfg.out).resolve()
     bare = bare_clients(cfg)
     result = {"job": job, "poll_seconds": poll_seconds(), "bare_clients": bare}
     save(result)
     for runtime in runtimes:
-        command, eval_last = FEDERATION_RUNTIMES[runtime]
-        command = [*command, "--supernodes", str(n)] if command[0] == DEPLOY else command
-        keys = [f"client-eval-every={rounds}"] if eval_last else []  # no evaluate phase but in the last round
-        name = f"{runtime}-{stamp}"
-        measured = federated_rounds([*command, *job, *keys, f'run-name="{name}"'], runs / name,
-                                    runs / f"{name}.trace.jsonl")
-        if "steady_round_s" in measured:
-            measured["round_over_slowest"] = round(measured["steady_round_s"] / bare["slowest_s"], 2)
-            measured["round_over_sum"] = round(measured["steady_round_s"] / bare["sum_s"], 2)
-        result[runtime] = measured
+        result[runtime] = measure_runtime(runtime, job, cfg, bare, f"{runtime}-{stamp}")
         save(result)
     return result
 

@@ -57,7 +57,7 @@ from fedmeld.simulations.security import (
     load_local_credentials,
 )
 from fedmeld.task.config import ConfigError, RunConfig, defaults, describe
-from fedmeld.task.flower.waits import PollError, poll_seconds
+from fedmeld.task.flower.waits import poll_seconds_or_exit
 
 ISOLATIONS = ("process", "subprocess")
 STATUS_SECONDS = 15.0  # between `flwr ls` calls (about 1.3 s of CPU each) until summary.json shows up
@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                              "to keep its credentials")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, TOML values")
     args = parser.parse_args(argv)
+    poll_seconds_or_exit(parser)  # every process started below reads it
     try:
-        poll_seconds()  # every process started below reads it
         if args.resume:
             if args.config:
                 parser.error("--resume takes the run's own config: drop --config")
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             nodes = args.supernodes or 2
             cfg = load_config(args.config, [f"num-clients={nodes}", f"min-clients={nodes}", *args.overrides])
-    except (ConfigError, OSError, PollError) as err:
+    except (ConfigError, OSError) as err:
         parser.error(str(err))
     home = Path(args.home or tempfile.mkdtemp(prefix="fedmeld-deploy-")).resolve()
     home.mkdir(parents=True, exist_ok=True)

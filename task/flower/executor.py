@@ -86,7 +86,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from fedmeld.task import trace
 
 from . import require_supported
-from .waits import PollError, poll_seconds
+from .waits import poll_seconds_or_exit
 
 INPUT_WAIT_SECONDS = 30.0  # then Flower's own retries (or its error) take over
 R, S = TypeVar("R"), TypeVar("S")
@@ -238,10 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (a SuperNode "
                                                                 "started without --ssl-certfile)")
     parser.add_argument("--root-certificates", metavar="CA.pem", help="CA that signed the Runtime API's certificate")
-    try:
-        poll = poll_seconds()
-    except PollError as err:
-        parser.error(str(err))
+    poll = poll_seconds_or_exit(parser)
     parser.add_argument("--poll-interval", type=float, default=poll, metavar="SECONDS",
                         help=f"wait between asks for a pending task when there was none; default {poll} "
                              "($FEDMELD_POLL_SECONDS, else 0.2)")

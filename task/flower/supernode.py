@@ -33,7 +33,7 @@ from flwr.supernode import start_client_internal as supernode_loop
 from flwr.supernode.cli import flower_supernode
 
 from . import require_supported
-from .waits import PollError, poll_seconds, shorten_waits
+from .waits import poll_seconds_or_exit, shorten_waits
 
 HEARTBEAT_SECONDS = float(HEARTBEAT_MIN_INTERVAL)  # Flower's: 30 s
 
@@ -85,10 +85,7 @@ def finish_ignored_tasks(loop: ModuleType) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedmeld supernode", add_help=False, allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
-    try:
-        poll = poll_seconds()
-    except PollError as err:
-        parser.error(str(err))
+    poll = poll_seconds_or_exit(parser)
     parser.add_argument("--sleep-cap", type=float, default=poll, metavar="SECONDS",
                         help="longest sleep of the SuperNode loop (Flower: 3 s idle, 0.5 s reply polls); "
                              f"default {poll} ($FEDMELD_POLL_SECONDS, else 0.2)")

@@ -10,6 +10,7 @@ SuperExec). A round sends every node two messages and each pays these waits.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from functools import partial
@@ -45,6 +46,14 @@ def poll_seconds() -> float:
     if not 0 < value <= 60:
         raise PollError(f"{POLL_ENV}={raw!r}: give the seconds between polls, a number in (0, 60], e.g. 0.2")
     return value
+
+
+def poll_seconds_or_exit(parser: argparse.ArgumentParser) -> float:
+    """``poll_seconds()`` for a command line: a bad value is the parser's usage error, naming it."""
+    try:
+        return poll_seconds()
+    except PollError as err:
+        parser.error(str(err))
 
 
 class CappedSleep:
